@@ -1,0 +1,20 @@
+# tracer-bpf build and test entry points.
+#   make          rebuild tracer.bpf.o from tracer.bpf.c (clang, no kernel headers)
+#   make test     the test suite (as root for the live tests)
+#   make vm-test  the kprobe tests inside Debian kernels under qemu
+#   make bench    benchmarks that print figures
+CLANG ?= clang
+PYTHON ?= python3
+# -g0 and a fixed -fdebug-prefix-map keep the object byte-identical across builds.
+BPF_CFLAGS = -O2 -g0 -target bpf -Wall -Werror -Wno-unused-function \
+	-fno-ident -ffile-prefix-map=$(CURDIR)=.
+
+all: tracer.bpf.o
+
+tracer.bpf.o: tracer.bpf.c tracer.bpf.h
+	$(CLANG) $(BPF_CFLAGS) -c tracer.bpf.c -o $@
+
+test:
+	$(PYTHON) -m pytest -ra test/
+
+.PHONY: all test

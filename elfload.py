@@ -1,0 +1,263 @@
+"""elfload: read a BPF ELF object into a plain description, then load it.
+
+Step one, parse(): no privileges, no file descriptors.  The object becomes an
+ObjectSpec: programs by function name (with section, program type and attach
+target), legacy maps from the "maps" section, license and kernel version, and
+the map relocations of each program.  A truncated, malformed or foreign file
+raises ObjectError naming what is wrong.
+
+Step two, ObjectSpec.load(): create the maps, patch each relocated ld_imm64
+with its map's fd, and load only the programs asked for.  The result, a
+Collection, owns every fd and closes them all on close() -- also when a
+step in the middle fails.
+"""
+
+import struct
+
+import bpfsys
+
+EM_BPF = 247
+SHT_SYMTAB = 2
+SHT_REL = 9
+SHF_EXECINSTR = 0x4
+STT_FUNC = 2
+STT_OBJECT = 1
+BPF_LD_IMM64 = 0x18
+R_BPF_64_64 = 1
+MAP_DEF = struct.Struct("<IIIII")  # struct bpf_map_def in tracer.bpf.c
+
+# section prefix -> (program type, attach kind)
+SECTION_KINDS = (
+    ("kprobe/", bpfsys.BPF_PROG_TYPE_KPROBE, "kprobe"),
+    ("kretprobe/", bpfsys.BPF_PROG_TYPE_KPROBE, "kretprobe"),
+    ("tracepoint/", bpfsys.BPF_PROG_TYPE_TRACEPOINT, "tracepoint"),
+    ("raw_tracepoint/", bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, "raw_tracepoint"),
+    ("socket", bpfsys.BPF_PROG_TYPE_SOCKET_FILTER, "socket"),
+)
+
+
+class ObjectError(ValueError):
+    """The file is not a BPF object this loader can use."""
+
+
+class MapSpec(object):
+    def __init__(self, name, map_type, key_size, value_size, max_entries, flags):
+        self.name = name
+        self.map_type = map_type
+        self.key_size = key_size
+        self.value_size = value_size
+        self.max_entries = max_entries
+        self.flags = flags
+
+    def __repr__(self):
+        return "MapSpec(%s, type=%d, key=%d, value=%d, max=%d)" % (
+            self.name, self.map_type, self.key_size, self.value_size, self.max_entries)
+
+
+class ProgramSpec(object):
+    """One program: its instructions and the maps its ld_imm64s refer to."""
+
+    def __init__(self, name, section, prog_type, kind, target, insns, relocs):
+        self.name = name
+        self.section = section
+        self.prog_type = prog_type
+        self.kind = kind          # kprobe, kretprobe, tracepoint, raw_tracepoint, socket
+        self.target = target      # function, "category/name", or tracepoint name
+        self.insns = insns        # bytes, 8 per instruction
+        self.relocs = relocs      # [(instruction index, map name)]
+
+    def __repr__(self):
+        return "ProgramSpec(%s, %s, %d insns)" % (self.name, self.section, len(self.insns) // 8)
+
+
+class ObjectSpec(object):
+    def __init__(self, path, programs, maps, license, kern_version):
+        self.path = path
+        self.programs = programs  # {name: ProgramSpec}
+        self.maps = maps          # {name: MapSpec}
+        self.license = license
+        self.kern_version = kern_version
+
+    def load(self, programs=None, max_entries=None):
+        """Create the maps and load the named programs (all when None).
+        max_entries: {map name: entries} overrides."""
+        names = list(self.programs) if programs is None else list(programs)
+        for n in names:
+            if n not in self.programs:
+                raise ObjectError("%s: no program named %r (have: %s)" % (
+                    self.path, n, ", ".join(sorted(self.programs))))
+        coll = Collection()
+        try:
+            for m in self.maps.values():
+                entries = (max_entries or {}).get(m.name, m.max_entries)
+                coll.maps[m.name] = bpfsys.Map(m.map_type, m.key_size, m.value_size, entries,
+                                               m.flags, m.name)
+            for n in names:
+                coll.programs[n] = self._load_program(self.programs[n], coll.maps)
+        except Exception:
+            coll.close()
+            raise
+        return coll
+
+    def _load_program(self, spec, maps):
+        insns = bytearray(spec.insns)
+        for idx, map_name in spec.relocs:
+            off = idx * 8
+            # ld_imm64: src_reg = BPF_PSEUDO_MAP_FD, imm = the map's fd
+            insns[off + 1] = (insns[off + 1] & 0x0F) | (bpfsys.BPF_PSEUDO_MAP_FD << 4)
+            struct.pack_into("<i", insns, off + 4, maps[map_name].fd)
+        return bpfsys.Program(spec.prog_type, bytes(insns), self.license, spec.name,
+                              self.kern_version)
+
+
+class Collection(object):
+    """Live maps and programs of one object; close() releases them all."""
+
+    def __init__(self):
+        self.maps = {}
+        self.programs = {}
+
+    def close(self):
+        for obj in list(self.programs.values()) + list(self.maps.values()):
+            obj.close()
+        self.programs.clear()
+        self.maps.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def parse_file(path):
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (IOError, OSError) as e:
+        raise ObjectError("%s: cannot read the BPF object: %s" % (path, e.strerror))
+    return parse(data, path)
+
+
+def parse(data, path="<bytes>"):
+    """Describe a BPF ELF object (bytes) as an ObjectSpec."""
+    def bad(msg):
+        return ObjectError("%s: %s" % (path, msg))
+
+    if len(data) < 64:
+        raise bad("truncated: %d bytes is shorter than an ELF header" % len(data))
+    if data[:4] != b"\x7fELF":
+        raise bad("not an ELF file (magic %r)" % data[:4])
+    if data[4] != 2 or data[5] != 1:
+        raise bad("not a 64-bit little-endian ELF object (class %d, data %d)" % (data[4], data[5]))
+    (e_type, e_machine, _, _, _, e_shoff, _, _, _, _, e_shentsize, e_shnum,
+     e_shstrndx) = struct.unpack_from("<HHIQQQIHHHHHH", data, 16)
+    if e_machine != EM_BPF:
+        raise bad("ELF machine %d is not BPF (%d): not a BPF object" % (e_machine, EM_BPF))
+    if e_shentsize != 64 or e_shnum == 0:
+        raise bad("no usable section header table")
+    if e_shoff + e_shnum * 64 > len(data):
+        raise bad("truncated: the section header table ends at byte %d, the file at %d" % (
+            e_shoff + e_shnum * 64, len(data)))
+
+    sections = []
+    for i in range(e_shnum):
+        (name_off, sh_type, flags, _, off, size, link, info, _, entsize) = struct.unpack_from(
+            "<IIQQQQIIQQ", data, e_shoff + i * 64)
+        if sh_type != 8 and off + size > len(data):  # 8: SHT_NOBITS
+            raise bad("truncated: section %d ends at byte %d, the file at %d" % (i, off + size, len(data)))
+        sections.append([name_off, sh_type, flags, off, size, link, info, entsize])
+    if e_shstrndx >= e_shnum:
+        raise bad("bad section name table index %d" % e_shstrndx)
+    shstr = sections[e_shstrndx]
+
+    def cstr(table_off, table_size, off):
+        if off >= table_size:
+            raise bad("string offset %d outside its table" % off)
+        end = data.find(b"\0", table_off + off, table_off + table_size)
+        if end < 0:
+            raise bad("unterminated string in a string table")
+        return data[table_off + off:end].decode("utf-8", "replace")
+
+    names = [cstr(shstr[3], shstr[4], s[0]) for s in sections]
+    body = lambda i: data[sections[i][3]:sections[i][3] + sections[i][4]]
+
+    symtab = [i for i, s in enumerate(sections) if s[1] == SHT_SYMTAB]
+    if not symtab:
+        raise bad("no symbol table")
+    st = sections[symtab[0]]
+    strtab = sections[st[5]]
+    symbols = []
+    for k in range(st[4] // 24):
+        (s_name, s_info, _, s_shndx, s_value, s_size) = struct.unpack_from("<IBBHQQ", data, st[3] + k * 24)
+        symbols.append((cstr(strtab[3], strtab[4], s_name), s_info & 0xF, s_shndx, s_value, s_size))
+
+    license = "GPL"
+    kern_version = 0
+    maps = {}
+    map_by_sym = {}
+    for i, n in enumerate(names):
+        if n == "license":
+            license = body(i).split(b"\0")[0].decode()
+        elif n == "version" and sections[i][4] >= 4:
+            kern_version = struct.unpack_from("<I", body(i))[0]
+        elif n == "maps":
+            raw = body(i)
+            for k, (sname, stype, shndx, value, size) in enumerate(symbols):
+                if shndx != i or not sname:
+                    continue
+                if value + MAP_DEF.size > len(raw):
+                    raise bad("map %s: definition runs past the maps section" % sname)
+                maps[sname] = MapSpec(sname, *MAP_DEF.unpack_from(raw, value))
+                map_by_sym[k] = sname
+
+    programs = {}
+    prog_ranges = {}  # section index -> [(start, end, name)]
+    for i, n in enumerate(names):
+        if not (sections[i][2] & SHF_EXECINSTR) or sections[i][4] == 0:
+            continue
+        kind = next((k for k in SECTION_KINDS if n.startswith(k[0])), None)
+        if kind is None:
+            raise bad("section %r holds code of an unknown program type" % n)
+        prefix, prog_type, kname = kind
+        target = n[len(prefix):]
+        code = body(i)
+        funcs = sorted((v, s, sn) for (sn, t, sh, v, s) in symbols if sh == i and t == STT_FUNC)
+        if not funcs:
+            raise bad("section %r has code but no function symbol" % n)
+        ranges = []
+        for value, size, fname in funcs:
+            if value + size > len(code) or size % 8:
+                raise bad("function %s runs past its section %r" % (fname, n))
+            programs[fname] = ProgramSpec(fname, n, prog_type, kname, target,
+                                          code[value:value + size], [])
+            ranges.append((value, value + size, fname))
+        prog_ranges[i] = ranges
+
+    for i, n in enumerate(names):
+        if sections[i][1] != SHT_REL:
+            continue
+        target_sec = sections[i][6]
+        if target_sec not in prog_ranges:
+            continue
+        raw = body(i)
+        for k in range(len(raw) // 16):
+            r_off, r_info = struct.unpack_from("<QQ", raw, k * 16)
+            sym, rtype = r_info >> 32, r_info & 0xFFFFFFFF
+            prog = next((p for (a, b, p) in prog_ranges[target_sec] if a <= r_off < b), None)
+            if prog is None:
+                raise bad("relocation at %s+%d is outside every function" % (names[target_sec], r_off))
+            if sym >= len(symbols):
+                raise bad("relocation in %s names symbol %d, which does not exist" % (prog, sym))
+            if sym not in map_by_sym:
+                raise bad("program %s refers to %r, which is not a map (calls to "
+                          "non-inlined functions and global data are not supported)" % (
+                              prog, symbols[sym][0]))
+            spec = programs[prog]
+            start = next(a for (a, b, p) in prog_ranges[target_sec] if p == prog)
+            idx = (r_off - start) // 8
+            if rtype != R_BPF_64_64 or spec.insns[idx * 8] != BPF_LD_IMM64:
+                raise bad("program %s: relocation type %d at instruction %d is not a map load" % (
+                    prog, rtype, idx))
+            spec.relocs.append((idx, map_by_sym[sym]))
+    return ObjectSpec(path, programs, maps, license, kern_version)

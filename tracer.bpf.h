@@ -1,0 +1,164 @@
+/* tracer.bpf.h: the structs shared by the kernel side (tracer.bpf.c) and the
+ * user side (bpfsys/tracer Python modules mirror each one with a
+ * struct.Struct whose comment names the C struct).  No kernel headers: every
+ * type used here is defined here. */
+#ifndef TRACER_BPF_H
+#define TRACER_BPF_H
+
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef int __s32;
+typedef long long __s64;
+
+#define TRACER_PROTO_TCP 6
+#define TRACER_PROTO_UDP 17
+
+#define DIR_UNKNOWN 0
+#define DIR_OUTGOING 1
+#define DIR_INCOMING 2
+
+#define CONN_OPEN 1
+#define CONN_CLOSED 2
+
+/* Key of the conns map: one connection of one process.  48 bytes.
+ * Python: CONN_TUPLE in conntrack.py. */
+struct conn_tuple {
+	__u8 saddr[16];   /* IPv4 in the first 4 bytes, network order */
+	__u8 daddr[16];
+	__u32 netns;      /* inode number of the network namespace */
+	__u32 pid;        /* tgid; 0 = not yet known (incoming, not claimed) */
+	__u16 sport;      /* host order */
+	__u16 dport;      /* host order */
+	__u8 family;      /* 4 or 6 */
+	__u8 proto;       /* TRACER_PROTO_TCP or TRACER_PROTO_UDP */
+	__u16 _pad;
+};
+
+/* Value of the conns map.  56 bytes.  Python: CONN_STATS in conntrack.py. */
+struct conn_stats {
+	__u64 sent_bytes;
+	__u64 recv_bytes;
+	__u64 first_ns;   /* bpf_ktime_get_ns() when created */
+	__u64 last_ns;    /* ... when last updated */
+	__u32 retransmits;
+	__u8 direction;   /* DIR_* */
+	__u8 state;       /* CONN_OPEN or CONN_CLOSED */
+	__u16 _pad;
+	char comm[16];
+};
+
+/* Value of the socks map (key: struct sock address): who owns a TCP socket
+ * and which tuple it has.  Python: SOCK_INFO in conntrack.py. */
+struct sock_info {
+	struct conn_tuple tuple;
+	char comm[16];
+	__u8 direction;
+	__u8 has_tuple;
+	__u8 _pad[6];
+};
+
+/* A peer address taken from a message (unconnected UDP). */
+struct peer {
+	__u8 addr[16];
+	__u16 port;       /* host order */
+	__u8 family;      /* 0 (none), 4 or 6 */
+	__u8 _pad[5];
+};
+
+/* Value of the stash map (key: pid_tgid): what one thread's syscall or
+ * probed function entry left for its later hook. */
+struct stash {
+	__u64 sk;         /* kprobe: the sock argument; tracepoint: pending UDP receive */
+	__u64 msg;        /* kprobe: struct msghdr * (kernel) */
+	__u64 uaddr;      /* tracepoint: user sockaddr buffer of recvfrom/recvmsg */
+	__s64 bytes;      /* tracepoint: pending UDP receive's length */
+	__s64 flags;
+	struct peer peer;
+	__u8 has_peer;
+	__u8 _pad[7];
+};
+
+/* The guessed struct sock layout (offsets map, index 0).  Python: OFFSETS
+ * in offsetguess.py. */
+struct offsets {
+	__u32 ready;      /* 1 once guessing is done */
+	__u32 ipv6;       /* 1 when the v6 offsets are valid */
+	__u32 daddr;
+	__u32 saddr;
+	__u32 dport;
+	__u32 sport;      /* skc_num: local port, host order */
+	__u32 family;
+	__u32 state;
+	__u32 protocol;   /* sk_protocol (u16) */
+	__u32 v6_daddr;
+	__u32 v6_saddr;
+	__u32 net;        /* skc_net: struct net * */
+	__u32 netns_inum; /* offset of ns.inum inside struct net */
+	__u32 _pad;
+};
+
+/* guess_req map, index 0: what the guessing thread asks for.
+ * Python: GUESS_REQ in offsetguess.py. */
+struct guess_req {
+	__u64 pid_tgid;   /* only this thread's events are dumped */
+	__u32 net_off;    /* when non-zero: also dump *(void **)(sk + net_off) */
+	__u32 seq;        /* copied into the dump, to match request and answer */
+};
+
+#define GUESS_SK_BYTES 2048
+#define GUESS_NET_BYTES 2048
+#define GUESS_CHUNK 512
+
+/* guess_dump map, index 0: raw bytes of the struct sock (and struct net).
+ * Python: read by offsetguess.py at GUESS_DUMP_* offsets. */
+struct guess_dump {
+	__u32 seq;
+	__u32 sk_ok;      /* bitmask of GUESS_CHUNK chunks read without fault */
+	__u32 net_ok;
+	__u32 _pad;
+	__u64 sk;         /* the struct sock address */
+	__u8 sk_bytes[GUESS_SK_BYTES];
+	__u8 net_bytes[GUESS_NET_BYTES];
+};
+
+/* telemetry map (array of __u64) indexes.  Python: TELEMETRY_NAMES. */
+#define TELE_CONN_LOST 0      /* conns map full: a connection not tracked */
+#define TELE_SOCK_LOST 1      /* socks map full */
+#define TELE_STASH_LOST 2     /* per-thread stash map full */
+#define TELE_TUPLE_MISMATCH 3 /* guessed offsets disagree with the tracepoint */
+#define TELE_TUPLE_CHECKED 4  /* cross-checks made */
+#define TELE_READ_FAULT 5     /* bpf_probe_read_kernel failed */
+#define TELE_PENDING_LOST 6   /* UDP receive whose peer address was not read */
+#define TELE_MAX 8
+
+/* test_counts map (array of __u64), used only by the self-test programs. */
+#define TEST_CONNECT_ENTRY 0
+#define TEST_CONNECT_RETURN 1
+#define TEST_SEND_CALLS 2
+
+/* tp_fields map (array of __u32): field offsets of perf tracepoints,
+ * read by user space from each tracepoint's format file. */
+#define TPF_ISS_SKADDR 0
+#define TPF_ISS_NEWSTATE 1
+#define TPF_ISS_SPORT 2
+#define TPF_ISS_DPORT 3
+#define TPF_ISS_FAMILY 4
+#define TPF_ISS_PROTOCOL 5
+#define TPF_ISS_SADDR 6
+#define TPF_ISS_DADDR 7
+#define TPF_ISS_SADDR_V6 8
+#define TPF_ISS_DADDR_V6 9
+#define TPF_SENDTO_ADDR 10
+#define TPF_SENDMSG_MSG 11
+#define TPF_RECVFROM_ADDR 12
+#define TPF_RECVMSG_MSG 13
+#define TPF_SYSEXIT_RET 14
+#define TPF_SSL_SK 15         /* sock_send_length / sock_recv_length: sk */
+#define TPF_SSL_RET 16
+#define TPF_SSL_FLAGS 17
+#define TPF_RETRANS_SKADDR 18
+#define TPF_MAX 24
+
+#endif
