@@ -16,9 +16,9 @@ import threading
 
 # --- ABI numbers -----------------------------------------------------------
 
-_SYSCALLS = {  # machine: (bpf, perf_event_open)
-    "x86_64": (321, 298),
-    "aarch64": (280, 241),
+_SYSCALLS = {  # machine: (bpf, perf_event_open, gettid)
+    "x86_64": (321, 298, 186),
+    "aarch64": (280, 241, 178),
 }
 
 BPF_MAP_CREATE = 0
@@ -122,6 +122,11 @@ def _attr(fmt, *values):
     attr = _buf(_ATTR_SIZE)
     struct.pack_into(fmt, attr, 0, *values)
     return attr
+
+
+def gettid():
+    """The calling thread's id (threading.get_native_id needs 3.8)."""
+    return _libc.syscall(_SYSCALLS[_machine()][2])
 
 
 def raise_memlock_limit():

@@ -906,8 +906,7 @@ int kp_udp_recvmsg_pre_5_19(struct pt_regs *ctx)
 	return 0;
 }
 
-SEC("kretprobe/udp_recvmsg")
-int krp_udp_recvmsg(struct pt_regs *ctx)
+INLINE void udp_recv_return(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
 	struct stash copy, *st = stash_take(&copy);
@@ -916,11 +915,38 @@ int krp_udp_recvmsg(struct pt_regs *ctx)
 	struct peer p = {};
 
 	if (!o || !st || ret <= 0 || (st->flags & MSG_PEEK))
-		return 0;
+		return;
 	bpf_probe_read_kernel(&name, sizeof(name), (void *)st->msg);
 	if (name)
 		peer_from_sockaddr(&p, (void *)name, 0);
 	udp_count((void *)st->sk, o, 0, ret, &p);
+}
+
+SEC("kretprobe/udp_recvmsg")
+int krp_udp_recvmsg(struct pt_regs *ctx)
+{
+	udp_recv_return(ctx);
+	return 0;
+}
+
+SEC("kprobe/udpv6_recvmsg")
+int kp_udpv6_recvmsg(struct pt_regs *ctx)
+{
+	stash_args((void *)PARM1(ctx), (void *)PARM2(ctx), PARM4(ctx));
+	return 0;
+}
+
+SEC("kprobe/udpv6_recvmsg")
+int kp_udpv6_recvmsg_pre_5_19(struct pt_regs *ctx)
+{
+	stash_args((void *)PARM1(ctx), (void *)PARM2(ctx), PARM5(ctx));
+	return 0;
+}
+
+SEC("kretprobe/udpv6_recvmsg")
+int krp_udpv6_recvmsg(struct pt_regs *ctx)
+{
+	udp_recv_return(ctx);
 	return 0;
 }
 

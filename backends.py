@@ -1,0 +1,249 @@
+"""backends: which programs of tracer.bpf.o run where, and how they attach.
+
+Two backends share the object's maps and produce the same records:
+  kprobe      kprobes/kretprobes on the TCP/UDP functions (any kernel with
+              CONFIG_KPROBES; the seed's method);
+  tracepoint  stable tracepoints only (sock:inet_sock_set_state,
+              sock:sock_send_length/sock_recv_length, tcp:tcp_retransmit_skb,
+              syscalls:sys_{enter,exit}_{sendto,sendmsg,recvfrom,recvmsg}),
+              raw where the kernel can; for kernels built without kprobes.
+`auto` picks tracepoint when the kernel has the sock length tracepoints
+(6.3+): one cheap raw-tracepoint program per send and receive, no
+kretprobe that can be missed; else kprobe.  choose() says which and why.
+"""
+
+import errno
+import os
+
+import bpfsys
+import offsetguess
+
+# tp_fields map slots (TPF_* in tracer.bpf.h): (category, event, field)
+TP_FIELDS = {
+    0: ("sock", "inet_sock_set_state", "skaddr"),
+    1: ("sock", "inet_sock_set_state", "newstate"),
+    2: ("sock", "inet_sock_set_state", "sport"),
+    3: ("sock", "inet_sock_set_state", "dport"),
+    4: ("sock", "inet_sock_set_state", "family"),
+    5: ("sock", "inet_sock_set_state", "protocol"),
+    6: ("sock", "inet_sock_set_state", "saddr"),
+    7: ("sock", "inet_sock_set_state", "daddr"),
+    8: ("sock", "inet_sock_set_state", "saddr_v6"),
+    9: ("sock", "inet_sock_set_state", "daddr_v6"),
+    10: ("syscalls", "sys_enter_sendto", "addr"),
+    11: ("syscalls", "sys_enter_sendmsg", "msg"),
+    12: ("syscalls", "sys_enter_recvfrom", "addr"),
+    13: ("syscalls", "sys_enter_recvmsg", "msg"),
+    14: ("syscalls", "sys_exit_recvfrom", "ret"),
+    15: ("sock", "sock_send_length", "sk"),
+    16: ("sock", "sock_send_length", "ret"),
+    17: ("sock", "sock_send_length", "flags"),
+    18: ("tcp", "tcp_retransmit_skb", "skaddr"),
+}
+
+# (program, attach kind, target, needed for: "tcp", "udp" or "both")
+TRACEPOINT_PROGRAMS = (
+    ("tp_inet_sock_set_state", "tracepoint", "sock/inet_sock_set_state", "tcp"),
+    ("tp_sock_send_length", "raw_tracepoint", "sock_send_length", "both"),
+    ("tp_sock_recv_length", "raw_tracepoint", "sock_recv_length", "both"),
+    ("tp_tcp_retransmit_skb", "raw_tracepoint", "tcp_retransmit_skb", "tcp"),
+    ("tp_sys_enter_sendto", "tracepoint", "syscalls/sys_enter_sendto", "udp"),
+    ("tp_sys_enter_sendmsg", "tracepoint", "syscalls/sys_enter_sendmsg", "udp"),
+    ("tp_sys_enter_recvfrom", "tracepoint", "syscalls/sys_enter_recvfrom", "udp"),
+    ("tp_sys_enter_recvmsg", "tracepoint", "syscalls/sys_enter_recvmsg", "udp"),
+    ("tp_sys_exit_recvfrom", "tracepoint", "syscalls/sys_exit_recvfrom", "udp"),
+    ("tp_sys_exit_recvmsg", "tracepoint", "syscalls/sys_exit_recvmsg", "udp"),
+)
+# perf-tracepoint stand-ins for raw tracepoints
+PERF_FALLBACK = {
+    "tp_sock_send_length": ("tpp_sock_send_length", "sock/sock_send_length"),
+    "tp_sock_recv_length": ("tpp_sock_recv_length", "sock/sock_recv_length"),
+    "tp_tcp_retransmit_skb": ("tpp_tcp_retransmit_skb", "tcp/tcp_retransmit_skb"),
+}
+
+# (program, kind, function, needed for); "{recv}" picks the 5.19 variant
+KPROBE_PROGRAMS = (
+    ("kp_tcp_set_state", "kprobe", "tcp_set_state", "tcp"),
+    ("krp_inet_csk_accept", "kretprobe", "inet_csk_accept", "tcp"),
+    ("kp_tcp_sendmsg", "kprobe", "tcp_sendmsg", "tcp"),
+    ("krp_tcp_sendmsg", "kretprobe", "tcp_sendmsg", "tcp"),
+    ("kp_tcp_sendpage", "kprobe", "tcp_sendpage?", "tcp"),
+    ("krp_tcp_sendpage", "kretprobe", "tcp_sendpage?", "tcp"),
+    ("kp_tcp_recvmsg{recv}", "kprobe", "tcp_recvmsg", "tcp"),
+    ("krp_tcp_recvmsg", "kretprobe", "tcp_recvmsg", "tcp"),
+    ("kp_tcp_retransmit_skb", "kprobe", "tcp_retransmit_skb", "tcp"),
+    ("kp_udp_sendmsg", "kprobe", "udp_sendmsg", "udp"),
+    ("krp_udp_sendmsg", "kretprobe", "udp_sendmsg", "udp"),
+    ("kp_udpv6_sendmsg", "kprobe", "udpv6_sendmsg", "udp"),
+    ("krp_udpv6_sendmsg", "kretprobe", "udpv6_sendmsg", "udp"),
+    ("kp_udp_recvmsg{recv}", "kprobe", "udp_recvmsg", "udp"),
+    ("krp_udp_recvmsg", "kretprobe", "udp_recvmsg", "udp"),
+    ("kp_udpv6_recvmsg{recv}", "kprobe", "udpv6_recvmsg", "udp"),
+    ("krp_udpv6_recvmsg", "kretprobe", "udpv6_recvmsg", "udp"),
+)
+
+GUESS_PROGRAMS = {
+    "tracepoint": (("guess_sock_send_length", "raw_tracepoint", "sock_send_length"),),
+    "kprobe": (("guess_udp_sendmsg", "kprobe", "udp_sendmsg"),
+               ("guess_tcp_sendmsg", "kprobe", "tcp_sendmsg")),
+}
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def kernel_version(release=None):
+    """(major, minor) of the running kernel."""
+    release = release or os.uname()[2]
+    nums = []
+    for part in release.split("-")[0].split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        nums.append(int(digits or 0))
+    while len(nums) < 2:
+        nums.append(0)
+    return tuple(nums)
+
+
+def has_kprobes():
+    return bpfsys.kprobe_pmu() is not None or bpfsys.kprobe_events_path() is not None
+
+
+def _has_tracepoint(category, name):
+    try:
+        bpfsys.tracepoint_id(category, name)
+        return True
+    except OSError:
+        return False
+
+
+def has_sock_tracepoints():
+    return all(_has_tracepoint(*t) for t in (("sock", "inet_sock_set_state"),
+                                           ("sock", "sock_send_length"),
+                                           ("sock", "sock_recv_length")))
+
+
+def availability():
+    """{backend: (usable, why)} for this kernel."""
+    kp = has_kprobes()
+    try:
+        tp = has_sock_tracepoints()
+        tp_why = ("sock:sock_send_length, sock:sock_recv_length and sock:inet_sock_set_state present"
+                  if tp else "sock:sock_send_length/sock_recv_length tracepoints missing (kernel < 6.3)")
+    except OSError as e:
+        tp, tp_why = False, str(e)
+    kp_why = ("kprobe PMU present" if bpfsys.kprobe_pmu() else "tracefs kprobe_events present") if kp \
+        else "kernel built without kprobes (no kprobe PMU, no kprobe_events)"
+    return {"tracepoint": (tp, tp_why), "kprobe": (kp, kp_why)}
+
+
+def choose(requested="auto"):
+    """(backend, reason).  Raises BackendError when it cannot run here."""
+    avail = availability()
+    if requested in ("kprobe", "tracepoint"):
+        ok, why = avail[requested]
+        if not ok:
+            raise BackendError("backend %s is not available on this kernel: %s" % (requested, why))
+        return requested, "requested; " + why
+    if requested != "auto":
+        raise BackendError("unknown backend %r (use auto, kprobe or tracepoint)" % requested)
+    if avail["tracepoint"][0]:
+        return "tracepoint", "auto: stable tracepoints present (%s)" % avail["tracepoint"][1]
+    if avail["kprobe"][0]:
+        return "kprobe", "auto: %s; %s" % (avail["kprobe"][1], avail["tracepoint"][1])
+    raise BackendError("no usable backend: %s; %s" % (avail["kprobe"][1], avail["tracepoint"][1]))
+
+
+def _wanted(need, tcp, udp):
+    return need == "both" and (tcp or udp) or (need == "tcp" and tcp) or (need == "udp" and udp)
+
+
+def plan(backend, tcp=True, udp=True, symbols=None, version=None):
+    """[(program, kind, target)] the backend attaches on this kernel."""
+    out = []
+    if backend == "tracepoint":
+        for prog, kind, target, need in TRACEPOINT_PROGRAMS:
+            if _wanted(need, tcp, udp):
+                out.append((prog, kind, target))
+        return out
+    version = version or kernel_version()
+    recv = "" if version >= (5, 19) else "_pre_5_19"
+    symbols = symbols if symbols is not None else bpfsys.kallsyms_functions()
+    for prog, kind, func, need in KPROBE_PROGRAMS:
+        if not _wanted(need, tcp, udp):
+            continue
+        optional = func.endswith("?")
+        func = func.rstrip("?")
+        real = bpfsys.resolve_function(func, symbols)
+        if real is None:
+            if optional:
+                continue  # e.g. tcp_sendpage is gone from 6.5
+            raise BackendError("kernel function %s not found in /proc/kallsyms" % func)
+        out.append((prog.format(recv=recv), kind, real))
+    return out
+
+
+def attach(coll, prog, kind, target, kprobe_method="auto"):
+    """Attach one program; returns the link."""
+    p = coll.programs[prog]
+    if kind == "raw_tracepoint":
+        return bpfsys.attach_raw_tracepoint(p, target)
+    if kind == "tracepoint":
+        category, name = target.split("/", 1)
+        return bpfsys.attach_tracepoint(p, category, name)
+    return bpfsys.attach_kprobe(p, target, retprobe=(kind == "kretprobe"), method=kprobe_method)
+
+
+def fill_tp_fields(tp_fields_map, needed_events):
+    """Write each perf tracepoint field offset read from its format file."""
+    formats = {}
+    for slot, (cat, ev, field) in sorted(TP_FIELDS.items()):
+        if (cat, ev) not in needed_events:
+            continue
+        if (cat, ev) not in formats:
+            formats[(cat, ev)] = bpfsys.tracepoint_fields(cat, ev)
+        fields = formats[(cat, ev)]
+        if field not in fields:
+            raise BackendError("tracepoint %s:%s has no field %r (format: %s)" % (
+                cat, ev, field, ", ".join(sorted(fields))))
+        tp_fields_map.update(slot.to_bytes(4, "little"), fields[field][0].to_bytes(4, "little"))
+
+
+def run_guess(coll, backend, ipv6=True, kprobe_method="auto"):
+    """Attach the backend's guess programs, guess, detach; returns Offsets."""
+    links = []
+    try:
+        for prog, kind, target in GUESS_PROGRAMS[backend]:
+            links.append(attach(coll, prog, kind, target, kprobe_method))
+        return offsetguess.guess(coll.maps, want_protocol=(backend == "tracepoint"), ipv6=ipv6)
+    finally:
+        for l in links:
+            l.close()
+
+
+def attach_all(coll, backend, programs, kprobe_method="auto"):
+    """Attach the planned programs; on any failure detach what was attached
+    and raise.  Returns the links."""
+    links = []
+    try:
+        if backend == "tracepoint":
+            events = set()
+            for prog, kind, target in programs:
+                if kind == "tracepoint":
+                    events.add(tuple(target.split("/", 1)))
+            events |= set((c, e) for p, (alt, t) in PERF_FALLBACK.items() for c, e in [t.split("/")])
+            fill_tp_fields(coll.maps["tp_fields"], events)
+        for prog, kind, target in programs:
+            try:
+                links.append(attach(coll, prog, kind, target, kprobe_method))
+            except bpfsys.BPFError as e:
+                if kind != "raw_tracepoint" or prog not in PERF_FALLBACK or e.errno not in (
+                        errno.EINVAL, errno.ENOENT, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                alt, target = PERF_FALLBACK[prog]
+                links.append(attach(coll, alt, "tracepoint", target))
+    except Exception:
+        for l in links:
+            l.close()
+        raise
+    return links

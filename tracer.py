@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""tracer: per-connection TCP and UDP byte counts with eBPF, stdlib only.
+
+Library:
+    import tracer
+    with tracer.Tracer(backend="auto", tcp=True, udp=True, ipv6=True) as t:
+        for conn in t.poll():     # connections active since the previous poll
+            print(conn.pid, conn.laddr, conn.lport, conn.sent_bytes)
+
+Command line: sudo python3 tracer.py --interval 2 (see --help).
+"""
+
+import os
+import sys
+import time
+
+import backends
+import bpfsys
+import conntrack
+import elfload
+import offsetguess
+
+OBJECT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tracer.bpf.o")
+
+
+class TracerError(RuntimeError):
+    """A failure the user can act on; str() is one line (or a few, for a
+    verifier rejection) saying what failed."""
+
+
+class Tracer(object):
+    """Loads tracer.bpf.o, guesses offsets, attaches a backend, polls.
+
+    backend: "auto", "kprobe" or "tracepoint".  tcp/udp/ipv6: what to trace.
+    pid: only this process's connections.  udp_idle/tcp_idle: seconds after
+    which an idle UDP flow, or a TCP connection never seen closing, expires.
+    max_conns: size of the connection table in the kernel.
+    """
+
+    def __init__(self, backend="auto", tcp=True, udp=True, ipv6=True, pid=None,
+                 udp_idle=30.0, tcp_idle=600.0, max_conns=None, obj_path=None,
+                 kprobe_method="auto"):
+        self._coll = None
+        self._links = []
+        self.started = time.time()
+        if not (tcp or udp):
+            raise TracerError("nothing to trace: both TCP and UDP are off")
+        self.tcp, self.udp, self.ipv6, self.pid = tcp, udp, ipv6, pid
+        try:
+            self._open(backend, obj_path or OBJECT_PATH, max_conns, kprobe_method,
+                       udp_idle, tcp_idle)
+        except BaseException:
+            self.close()
+            raise
+        self.ready_seconds = time.time() - self.started
+
+    def _open(self, backend, obj_path, max_conns, kprobe_method, udp_idle, tcp_idle):
+        if os.geteuid() != 0:
+            raise TracerError("tracer-bpf needs root (CAP_BPF and CAP_PERFMON): run it with sudo")
+        try:
+            spec = elfload.parse_file(obj_path)
+        except elfload.ObjectError as e:
+            raise TracerError("bad BPF object: %s (rebuild it with make, or copy the "
+                              "tracer directory again)" % e)
+        try:
+            self.backend, self.backend_reason = backends.choose(backend)
+        except (backends.BackendError, OSError) as e:
+            raise TracerError(str(e))
+        if self.backend == "kprobe":
+            bpfsys.remove_stale_kprobes()
+        try:
+            self.plan = backends.plan(self.backend, self.tcp, self.udp)
+        except backends.BackendError as e:
+            raise TracerError(str(e))
+        names = [p for p, _, _ in self.plan] + [p for p, _, _ in backends.GUESS_PROGRAMS[self.backend]]
+        if self.backend == "tracepoint":
+            names += [alt for alt, _ in backends.PERF_FALLBACK.values()]
+        sizes = {"conns": max_conns, "socks": max_conns} if max_conns else None
+        try:
+            self._coll = spec.load(names, sizes)
+        except bpfsys.BPFError as e:
+            raise TracerError("loading the BPF programs failed: %s" % e)
+        try:
+            self.offsets = backends.run_guess(self._coll, self.backend, self.ipv6, kprobe_method)
+        except bpfsys.BPFError as e:
+            raise TracerError("offset guessing could not attach: %s" % e)
+        except offsetguess.GuessError as e:
+            raise TracerError("offset guessing failed: %s" % e)
+        self._coll.maps["offsets"].update(b"\0\0\0\0", self.offsets.pack())
+        try:
+            self._links = backends.attach_all(self._coll, self.backend, self.plan, kprobe_method)
+        except (bpfsys.BPFError, OSError, backends.BackendError) as e:
+            raise TracerError("attaching the %s backend failed: %s" % (self.backend, e))
+        self._table = conntrack.ConnTable(self._coll.maps["conns"], self._coll.maps["socks"],
+                                          udp_idle, tcp_idle)
+
+    def _include(self, c):
+        if self.pid is not None and c.pid != self.pid:
+            return False
+        if (c.proto == "tcp" and not self.tcp) or (c.proto == "udp" and not self.udp):
+            return False
+        if c.family == 6 and not self.ipv6:
+            return False
+        return True
+
+    def poll(self):
+        """Connections that opened, moved bytes, retransmitted or closed since
+        the previous poll; each a conntrack.Conn with the JSON fields."""
+        return self._table.poll(self._include)
+
+    def telemetry(self):
+        """Counters: connections tracked, entries lost, poll time, ..."""
+        raw = dict(self._coll.maps["telemetry"].items())
+        t = {"type": "telemetry", "time": round(time.time(), 3), "backend": self.backend,
+             "tracked": self._table.tracked, "expired": self._table.expired,
+             "poll_seconds": round(self._table.last_poll_seconds, 6)}
+        for i, name in enumerate(conntrack.TELEMETRY_NAMES):
+            if not name.startswith("_"):
+                v = raw.get(i.to_bytes(4, "little"))
+                t[name] = int.from_bytes(v, "little") if v else 0
+        t["lost"] = t["conn_lost"] + t["sock_lost"] + t["stash_lost"]
+        return t
+
+    def close(self):
+        """Detach every probe and close every fd (idempotent)."""
+        for l in self._links:
+            l.close()
+        self._links = []
+        if self._coll is not None:
+            self._coll.close()
+            self._coll = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def main(argv=None):
+    import cli
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
