@@ -1,0 +1,174 @@
+"""matrix: the traffic matrix both backends must count exactly.
+
+Shared by test_tracepoint.py (host kernel) and test_kprobe.py (qemu guests):
+each check runs real loopback traffic between two processes and asserts the
+exact bytes, pids, ports and family that the tracer reports for both sides.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+from traffic import LOOPBACK, Pair
+
+
+def check_tcp(col, family, hold):
+    """A client sends 1000+2000+7 bytes, the server answers 5000."""
+    p = Pair("tcp", family, send=[1000, 2000, 7], reply=[5000], hold=hold).start()
+    if hold:
+        p.wait_holding()
+        cli = col.one(pid=p.client_pid, lport=p.client_port, proto="tcp", sent_bytes=3007,
+                      recv_bytes=5000)
+        assert cli.state == "open"
+        srv = col.one(pid=p.server_pid, lport=p.server_port, rport=p.client_port, sent_bytes=5000,
+                      recv_bytes=3007)
+        assert srv.state == "open"
+        p.release()
+    p.wait()
+    cli = col.one(pid=p.client_pid, lport=p.client_port, proto="tcp", state="closed")
+    srv = col.one(pid=p.server_pid, lport=p.server_port, rport=p.client_port, state="closed")
+    addr = LOOPBACK[family]
+    assert (cli.family, cli.laddr, cli.raddr, cli.rport) == (family, addr, addr, p.server_port)
+    assert (cli.sent_bytes, cli.recv_bytes, cli.direction) == (3007, 5000, "outgoing")
+    assert (srv.family, srv.laddr, srv.raddr) == (family, addr, addr)
+    assert (srv.sent_bytes, srv.recv_bytes, srv.direction) == (5000, 3007, "incoming")
+    assert cli.comm.startswith("python") and srv.comm.startswith("python")
+    assert cli.netns == srv.netns == os.stat("/proc/self/ns/net").st_ino
+    return cli, srv
+
+
+def check_udp(col, family, unconnected, hold):
+    """Datagrams of 100 and 200 bytes one way, 50 back."""
+    p = Pair("udp", family, send=[100, 200], reply=[50], unconnected=unconnected, hold=hold).start()
+    if hold:
+        p.wait_holding()
+    else:
+        p.wait()
+    addr = LOOPBACK[family]
+    cli = col.one(pid=p.client_pid, lport=p.client_port, proto="udp", sent_bytes=300, recv_bytes=50)
+    srv = col.one(pid=p.server_pid, lport=p.server_port, proto="udp", sent_bytes=50, recv_bytes=300)
+    assert (cli.family, cli.laddr, cli.raddr, cli.rport) == (family, addr, addr, p.server_port)
+    assert (srv.family, srv.laddr, srv.raddr, srv.rport) == (family, addr, addr, p.client_port)
+    assert cli.direction == "outgoing" and srv.direction == "incoming"
+    assert cli.state == srv.state == "open"  # UDP has no close: idle flows expire
+    if hold:
+        p.release()
+        p.wait()
+    return cli, srv
+
+
+MANY = textwrap.dedent("""
+    import json, socket, sys, threading
+    n, family = int(sys.argv[1]), int(sys.argv[2])
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    addr = "127.0.0.1" if family == 4 else "::1"
+    role = sys.argv[3]
+    size = lambda i: 1000 + 37 * i
+    if role == "server":
+        lst = socket.socket(af); lst.bind((addr, 0)); lst.listen(n)
+        print(json.dumps({"port": lst.getsockname()[1]}), flush=True)
+        conns = [lst.accept()[0] for _ in range(n)]
+        for c in conns:
+            i = int(c.recv(4).decode()); got = 4
+            need = size(i)
+            while got < need: got += len(c.recv(65536))
+            c.sendall(b"r" * (i + 1))
+        for c in conns: c.recv(1); c.close()
+    else:
+        port = int(sys.argv[4])
+        socks = [socket.create_connection((addr, port)) for _ in range(n)]
+        out = []
+        for i, s in enumerate(socks):
+            s.sendall(("%04d" % i).encode() + b"c" * (size(i) - 4))
+            out.append((s.getsockname()[1], i))
+        for i, s in enumerate(socks):
+            got = 0
+            while got < i + 1: got += len(s.recv(65536))
+        print(json.dumps(out), flush=True)
+        for s in socks: s.close()
+""")
+
+
+def check_many(col, n=200, family=4):
+    """n concurrent connections, connection i sends 1000+37*i bytes and
+    receives i+1."""
+    srv = subprocess.Popen([sys.executable, "-c", MANY, str(n), str(family), "server"],
+                           stdout=subprocess.PIPE, universal_newlines=True)
+    import json
+    port = json.loads(srv.stdout.readline())["port"]
+    cli = subprocess.Popen([sys.executable, "-c", MANY, str(n), str(family), "client", str(port)],
+                           stdout=subprocess.PIPE, universal_newlines=True)
+    ports = json.loads(cli.stdout.readline())
+    assert cli.wait(60) == 0 and srv.wait(60) == 0
+    col.one(pid=cli.pid, lport=ports[-1][0], state="closed")
+    for lport, i in ports:
+        c = col.one(pid=cli.pid, lport=lport, rport=port, proto="tcp")
+        assert (c.sent_bytes, c.recv_bytes, c.state) == (1000 + 37 * i, i + 1, "closed")
+        s = col.one(pid=srv.pid, lport=port, rport=lport, proto="tcp")
+        assert (s.sent_bytes, s.recv_bytes, s.state) == (i + 1, 1000 + 37 * i, "closed")
+    return len(ports)
+
+
+def check_peek_not_counted(col):
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.create_connection(lst.getsockname())
+    s, _ = lst.accept()
+    c.sendall(b"p" * 600)
+    assert len(s.recv(600, socket.MSG_PEEK | socket.MSG_WAITALL)) == 600
+    assert len(s.recv(600, socket.MSG_WAITALL)) == 600
+    pid = os.getpid()
+    rec = col.one(pid=pid, lport=s.getsockname()[1], recv_bytes=600)
+    assert rec.sent_bytes == 0
+    for x in (c, s, lst):
+        x.close()
+
+
+def check_sendfile(col, tmpdir, size=200000):
+    path = os.path.join(str(tmpdir), "payload")
+    with open(path, "wb") as f:
+        f.write(b"f" * size)
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.create_connection(lst.getsockname())
+    s, _ = lst.accept()
+    got = []
+
+    def drain():
+        n = 0
+        while n < size:
+            n += len(s.recv(65536))
+        got.append(n)
+    import threading
+    t = threading.Thread(target=drain)
+    t.start()
+    with open(path, "rb") as f:
+        sent = os.sendfile(c.fileno(), f.fileno(), 0, size)
+        while sent < size:
+            sent += os.sendfile(c.fileno(), f.fileno(), sent, size - sent)
+    t.join()
+    rec = col.one(pid=os.getpid(), lport=c.getsockname()[1], sent_bytes=size)
+    assert rec.recv_bytes == 0 and got == [size]
+    for x in (c, s, lst):
+        x.close()
+
+
+def check_partial_send_counts_accepted(col):
+    """A non-blocking send of more than the socket buffer: only what the
+    kernel accepted counts."""
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.create_connection(lst.getsockname())
+    s, _ = lst.accept()
+    c.setblocking(False)
+    accepted = c.send(b"x" * (64 << 20))
+    assert 0 < accepted < (64 << 20)
+    rec = col.one(pid=os.getpid(), lport=c.getsockname()[1], sent_bytes=accepted)
+    assert rec.sent_bytes == accepted
+    for x in (c, s, lst):
+        x.close()
