@@ -3,6 +3,7 @@
 #   make test     the test suite (as root for the live tests)
 #   make vm-test  the kprobe tests inside Debian kernels under qemu
 #   make bench    benchmarks that print figures
+#   make check    everything CI runs, after installing what a fresh Debian lacks
 CLANG ?= clang
 PYTHON ?= python3
 # -g0 and a fixed -fdebug-prefix-map keep the object byte-identical across builds.
@@ -15,6 +16,11 @@ tracer.bpf.o: tracer.bpf.c tracer.bpf.h
 	$(CLANG) $(BPF_CFLAGS) -c tracer.bpf.c -o $@
 
 test:
-	$(PYTHON) -m pytest -ra test/
+	$(PYTHON) -m pytest -ra --ignore=test/vm test/
 
-.PHONY: all test
+check:
+	PYTHON=$(PYTHON) bash test/setup.sh
+	$(PYTHON) tools/check_runtime.py
+	$(PYTHON) -m pytest -ra --ignore=test/vm test/
+
+.PHONY: all test check

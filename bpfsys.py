@@ -27,6 +27,7 @@ BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
+BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
@@ -37,6 +38,7 @@ CMD_NAMES = {
     BPF_MAP_UPDATE_ELEM: "BPF_MAP_UPDATE_ELEM", BPF_MAP_DELETE_ELEM: "BPF_MAP_DELETE_ELEM",
     BPF_MAP_GET_NEXT_KEY: "BPF_MAP_GET_NEXT_KEY", BPF_PROG_LOAD: "BPF_PROG_LOAD",
     BPF_RAW_TRACEPOINT_OPEN: "BPF_RAW_TRACEPOINT_OPEN",
+    BPF_OBJ_GET_INFO_BY_FD: "BPF_OBJ_GET_INFO_BY_FD",
     BPF_MAP_LOOKUP_BATCH: "BPF_MAP_LOOKUP_BATCH",
     BPF_MAP_LOOKUP_AND_DELETE_BATCH: "BPF_MAP_LOOKUP_AND_DELETE_BATCH",
     BPF_MAP_DELETE_BATCH: "BPF_MAP_DELETE_BATCH",
@@ -64,6 +66,12 @@ PERF_EVENT_IOC_DISABLE = 0x2401
 PERF_EVENT_IOC_SET_BPF = 0x40042408
 
 ENOTSUPP = 524  # kernel-internal "operation not supported", seen by user space
+
+# struct bpf_prog_info (uapi): size, and offsets of the counters we read
+_PROG_INFO_SIZE = 232
+_PROG_INFO_RUN_TIME_NS = 192
+_PROG_INFO_RUN_CNT = 200
+_PROG_INFO_RECURSION_MISSES = 208  # 5.12+; older kernels leave it 0
 
 # union bpf_attr is 128+ bytes; we pass a zeroed buffer of this size.
 _ATTR_SIZE = 128
@@ -252,18 +260,20 @@ class Map(KernelObject):
                 out.append((k, v))
         return out
 
-    def items_batch(self, delete=False):
-        """All (key, value) pairs with BPF_MAP_LOOKUP_BATCH (or, with delete,
-        LOOKUP_AND_DELETE_BATCH).  Raises BPFError(EINVAL/ENOTSUPP) where the
-        kernel or map type lacks it."""
+    def read_batch(self, delete=False):
+        """All entries as (keys, values), two lists of bytes, with
+        BPF_MAP_LOOKUP_BATCH (or, with delete, LOOKUP_AND_DELETE_BATCH).
+        Raises BPFError(EINVAL/ENOTSUPP) where the kernel or map type lacks it."""
         cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
         what = "bpf(%s) on map '%s'" % (CMD_NAMES[cmd], self.name)
-        count = max(64, min(self.max_entries, 4096))
-        keys = _buf(self.key_size * count)
-        values = _buf(self.value_size * count)
-        tok_in = _buf(max(self.key_size, 8))
-        tok_out = _buf(max(self.key_size, 8))
-        out = []
+        ks, vs = self.key_size, self.value_size
+        # few, large calls: the kernel's cost is per call and per bucket
+        count = max(64, min(self.max_entries, 1 << 16))
+        keys = _buf(ks * count)
+        values = _buf(vs * count)
+        tok_in = _buf(max(ks, 8))
+        tok_out = _buf(max(ks, 8))
+        out_k, out_v = [], []
         first = True
         while True:
             attr = _attr("QQQQIIQQ", 0 if first else _addr(tok_in), _addr(tok_out),
@@ -275,33 +285,46 @@ class Map(KernelObject):
                 if e.errno == errno.ENOSPC:
                     # a bucket holds more entries than count: grow and retry
                     count *= 2
-                    keys = _buf(self.key_size * count)
-                    values = _buf(self.value_size * count)
+                    keys = _buf(ks * count)
+                    values = _buf(vs * count)
                     continue
                 if e.errno != errno.ENOENT:
                     raise
                 done = True
             n = struct.unpack_from("I", attr, 32)[0]
-            kraw, vraw = keys.raw, values.raw
-            ks, vs = self.key_size, self.value_size
-            out.extend((kraw[i * ks:(i + 1) * ks], vraw[i * vs:(i + 1) * vs]) for i in range(n))
+            if n:
+                kraw, vraw = keys.raw, values.raw
+                out_k.extend([kraw[i:i + ks] for i in range(0, n * ks, ks)])
+                out_v.extend([vraw[i:i + vs] for i in range(0, n * vs, vs)])
             if done:
-                return out
+                return out_k, out_v
             ctypes.memmove(tok_in, tok_out, len(tok_out))
             first = False
 
-    def items(self):
-        """All (key, value) pairs: batched where the kernel can, else per key."""
+    def items_batch(self, delete=False):
+        """All (key, value) pairs by batch lookup (see read_batch)."""
+        keys, values = self.read_batch(delete)
+        return list(zip(keys, values))
+
+    def read_all(self):
+        """All entries as (keys, values): batched where the kernel can, else
+        per key."""
         if self._batch_ok is not False:
             try:
-                out = self.items_batch()
+                out = self.read_batch()
                 self._batch_ok = True
                 return out
             except BPFError as e:
                 if e.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
                 self._batch_ok = False
-        return self.items_per_key()
+        pairs = self.items_per_key()
+        return [k for k, _ in pairs], [v for _, v in pairs]
+
+    def items(self):
+        """All (key, value) pairs: batched where the kernel can, else per key."""
+        keys, values = self.read_all()
+        return list(zip(keys, values))
 
     def delete_keys(self, keys):
         """Delete many keys (batched where possible); returns how many went."""
@@ -342,6 +365,18 @@ class Program(KernelObject):
         self.name = name
         self.prog_type = prog_type
         self.fd = self._load(prog_type, insns, license, name, kern_version, None)
+
+    def stats(self):
+        """{run_cnt, run_time_ns (0 unless kernel.bpf_stats_enabled),
+        recursion_misses (runs the kernel skipped; 5.12+)}."""
+        info = _buf(_PROG_INFO_SIZE)
+        attr = _attr("IIQ", self.fd, _PROG_INFO_SIZE, _addr(info))
+        bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "bpf(BPF_OBJ_GET_INFO_BY_FD) for program '%s'" % self.name)
+        return {
+            "run_time_ns": struct.unpack_from("Q", info, _PROG_INFO_RUN_TIME_NS)[0],
+            "run_cnt": struct.unpack_from("Q", info, _PROG_INFO_RUN_CNT)[0],
+            "recursion_misses": struct.unpack_from("Q", info, _PROG_INFO_RECURSION_MISSES)[0],
+        }
 
     @staticmethod
     def _load(prog_type, insns, license, name, kern_version, log):
@@ -555,6 +590,21 @@ class KprobeEvent(object):
                 self._write("-:%s/%s" % (self.group, self.name), "removing kprobe %s" % self.name)
             except OSError:
                 pass
+
+
+def kprobe_misses(names):
+    """Missed hits (kprobe_profile) of our tracefs kprobe events, by name."""
+    try:
+        with open(os.path.join(tracefs(mount=False), "kprobe_profile")) as f:
+            lines = f.read().splitlines()
+    except (IOError, OSError):
+        return 0
+    total = 0
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].split("/")[-1] in names:
+            total += int(parts[2])
+    return total
 
 
 def remove_stale_kprobes():

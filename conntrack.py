@@ -62,13 +62,20 @@ def monotonic_ns():
     return int(time.monotonic() * 1e9)
 
 
+_LAST_NS = struct.Struct("<Q")
+_LAST_NS_OFFSET = 24  # conn_stats.last_ns
+
+
 class ConnTable(object):
     def __init__(self, conns, socks, udp_idle=30.0, tcp_idle=600.0):
         self.conns = conns
         self.socks = socks
         self.udp_idle_ns = int(udp_idle * 1e9)
         self.tcp_idle_ns = int(tcp_idle * 1e9)
-        self.prev = {}        # key -> (sent, recv, retransmits)
+        # expiry needs every entry's last_ns: scan only now and then
+        self.expiry_every_ns = max(int(min(udp_idle, tcp_idle) * 1e9 / 4), 1)
+        self.next_expiry_ns = 0
+        self.prev = {}        # key -> raw conn_stats bytes at the previous poll
         self.decoded = {}     # key -> decoded tuple (cache)
         self.last_poll_seconds = 0.0
         self.tracked = 0
@@ -76,67 +83,76 @@ class ConnTable(object):
 
     def poll(self, include=None):
         """Connections active since the previous poll (include: a filter
-        on the decoded record)."""
+        on the record)."""
         start = time.time()
-        now_wall = start
         now_ns = monotonic_ns()
-        items = self.conns.items()
-        out = []
-        seen = set()
-        closed_keys = []
-        expired_keys = []
-        expired_tcp = set()
+        keys, values = self.conns.read_all()
+        cur = dict(zip(keys, values))
         prev = self.prev
-        for key, value in items:
+        # set operations on dict views run in C: unchanged entries cost ~nothing
+        changed = cur.items() - prev.items()
+        out = []
+        gone = []
+        for key, value in changed:
             sent, recv, first_ns, last_ns, retr, direction, state, _, comm = CONN_STATS.unpack(value)
-            seen.add(key)
             old = prev.get(key)
+            if old is not None:
+                o_sent, o_recv, _, _, o_retr, _, o_state, _, _ = CONN_STATS.unpack(old)
+                if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state):
+                    continue
+            else:
+                o_sent = o_recv = o_retr = 0
             closed = state == STATE_CLOSED
+            if closed:
+                gone.append(key)
             tup = self.decoded.get(key)
             if tup is None:
                 tup = self.decoded[key] = decode_tuple(key)
-            if closed:
-                closed_keys.append(key)
-            elif now_ns - last_ns > (self.tcp_idle_ns if tup[0] == "tcp" else self.udp_idle_ns):
-                expired_keys.append(key)
-                if tup[0] == "tcp":
-                    expired_tcp.add(key)
-            if old is not None and old == (sent, recv, retr) and not closed:
-                continue
-            prev[key] = (sent, recv, retr)
             c = Conn()
             c.key = key
             (c.proto, c.family, c.pid, c.laddr, c.lport, c.raddr, c.rport, c.netns) = tup
             c.type = "conn"
-            c.time = round(now_wall, 3)
+            c.time = round(start, 3)
             c.comm = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
             c.sent_bytes, c.recv_bytes, c.retransmits = sent, recv, retr
-            c.sent_delta = sent - (old[0] if old else 0)
-            c.recv_delta = recv - (old[1] if old else 0)
-            c.retransmits_delta = retr - (old[2] if old else 0)
+            c.sent_delta = sent - o_sent
+            c.recv_delta = recv - o_recv
+            c.retransmits_delta = retr - o_retr
             c.state = "closed" if closed else "open"
             c.direction = DIRECTIONS.get(direction, "unknown")
             c.first_seen = old is None
             if include is None or include(c):
                 out.append(c)
-        gone = closed_keys + expired_keys
+        out.sort(key=lambda c: c.key)
+        if now_ns >= self.next_expiry_ns:
+            self.next_expiry_ns = now_ns + self.expiry_every_ns
+            gone.extend(self._idle(cur, now_ns))
         if gone:
             self.conns.delete_keys(gone)
-            if expired_tcp:
-                self._forget_socks(expired_tcp)
-            self.expired += len(expired_keys)
-        for key in gone:
-            prev.pop(key, None)
-            self.decoded.pop(key, None)
-        if len(prev) > len(seen):  # deleted behind our back (e.g. another poller)
-            for key in [k for k in prev if k not in seen]:
-                del prev[key]
+            for key in gone:
+                cur.pop(key, None)
                 self.decoded.pop(key, None)
-        self.tracked = len(items) - len(gone)
+        if len(self.decoded) > len(cur):
+            for key in self.decoded.keys() - cur.keys():
+                del self.decoded[key]
+        self.prev = cur
+        self.tracked = len(cur)
         self.last_poll_seconds = time.time() - start
         return out
 
-    def _forget_socks(self, keys):
-        """Drop the socks entries of expired TCP connections."""
-        stale = [k for k, v in self.socks.items() if v[SOCK_INFO_TUPLE] in keys]
-        self.socks.delete_keys(stale)
+    def _idle(self, cur, now_ns):
+        """Keys of entries idle past their protocol's limit; drops the socks
+        entries of expired TCP connections."""
+        udp_before, tcp_before = now_ns - self.udp_idle_ns, now_ns - self.tcp_idle_ns
+        unpack = _LAST_NS.unpack_from
+        idle = []
+        for key, value in cur.items():
+            last = unpack(value, _LAST_NS_OFFSET)[0]
+            if last < (tcp_before if key[45] == 6 else udp_before):  # conn_tuple.proto
+                idle.append(key)
+        tcp = set(k for k in idle if k[45] == 6)
+        if tcp:
+            stale = [k for k, v in self.socks.items() if v[SOCK_INFO_TUPLE] in tcp]
+            self.socks.delete_keys(stale)
+        self.expired += len(idle)
+        return idle

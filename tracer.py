@@ -119,7 +119,24 @@ class Tracer(object):
                 v = raw.get(i.to_bytes(4, "little"))
                 t[name] = int.from_bytes(v, "little") if v else 0
         t["lost"] = t["conn_lost"] + t["sock_lost"] + t["stash_lost"]
+        t["missed"] = self._missed()
         return t
+
+    def _missed(self):
+        """Probe hits the kernel did not run our programs for: BPF recursion
+        misses of every program, plus tracefs kprobe misses (kretprobes
+        beyond maxactive)."""
+        missed = 0
+        for prog in self._coll.programs.values():
+            try:
+                missed += prog.stats()["recursion_misses"]
+            except bpfsys.BPFError:
+                pass
+        names = [l.tracefs_entry.name for l in self._links
+                 if getattr(l, "tracefs_entry", None) is not None]
+        if names:
+            missed += bpfsys.kprobe_misses(set(names))
+        return missed
 
     def close(self):
         """Detach every probe and close every fd (idempotent)."""

@@ -172,3 +172,42 @@ def check_partial_send_counts_accepted(col):
     assert rec.sent_bytes == accepted
     for x in (c, s, lst):
         x.close()
+
+
+NETNS_RUN = textwrap.dedent("""
+    import json, os, socket, subprocess, sys, time
+    sys.path[:0] = [%(root)r, %(root)r + "/test"]
+    subprocess.check_call(["ip", "link", "set", "lo", "up"])
+    import tracer
+    from conftest import Collector
+    import matrix
+    t = tracer.Tracer(backend=%(backend)r)
+    col = Collector(t)
+    cli, srv = matrix.check_tcp(col, 4, hold=False)
+    print(json.dumps({"netns": cli.netns, "mine": os.stat("/proc/self/ns/net").st_ino,
+                      "offsets": t.offsets.as_dict()}))
+    t.close()
+""")
+
+
+def check_fresh_netns(backend, expected_offsets):
+    """Guess and count inside a new network namespace (unshare --net)."""
+    import json
+    import pytest
+    from conftest import ROOT
+    if subprocess.call(["sh", "-c", "command -v unshare"], stdout=subprocess.DEVNULL) != 0:
+        pytest.skip("unshare (util-linux) not installed")
+    out = subprocess.check_output(["unshare", "--net", sys.executable, "-c",
+                                   NETNS_RUN % {"root": ROOT, "backend": backend}],
+                                  universal_newlines=True)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["netns"] == got["mine"] != os.stat("/proc/self/ns/net").st_ino
+    assert got["offsets"] == expected_offsets
+
+
+def agree(records_a, records_b):
+    """Both backends saw the same connections with the same totals."""
+    def summary(recs):
+        return sorted((c.proto, c.family, c.pid, c.laddr, c.lport, c.raddr, c.rport, c.netns,
+                       c.sent_bytes, c.recv_bytes, c.state, c.direction) for c in recs)
+    return summary(records_a), summary(records_b)

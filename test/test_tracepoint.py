@@ -4,15 +4,11 @@ TCP/UDP x IPv4/IPv6 x connected/unconnected UDP x long-lived/short-lived,
 run-time cross-check of the guessed offsets, and guessing in a fresh
 network namespace."""
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from conftest import ROOT, Collector, need_tracepoint_backend
+from conftest import Collector, need_tracepoint_backend
 import matrix
 
 
@@ -85,27 +81,22 @@ def test_guessed_offsets_reported(tracer_tp):
     assert 0 < o.seconds < 5
 
 
-NETNS_RUN = textwrap.dedent("""
-    import json, os, socket, subprocess, sys, time
-    sys.path[:0] = [%(root)r, %(root)r + "/test"]
-    subprocess.check_call(["ip", "link", "set", "lo", "up"])
-    import tracer
-    from conftest import Collector
-    import matrix
-    t = tracer.Tracer(backend="tracepoint")
-    col = Collector(t)
-    cli, srv = matrix.check_tcp(col, 4, hold=False)
-    print(json.dumps({"netns": cli.netns, "mine": os.stat("/proc/self/ns/net").st_ino,
-                      "offsets": t.offsets.as_dict()}))
-    t.close()
-""")
-
-
 def test_guessing_and_counting_inside_a_fresh_network_namespace(tracer_tp):
-    if subprocess.call(["which", "unshare"], stdout=subprocess.DEVNULL) != 0:
-        pytest.skip("unshare (util-linux) not installed")
-    out = subprocess.check_output(["unshare", "--net", sys.executable, "-c",
-                                   NETNS_RUN % {"root": ROOT}], universal_newlines=True)
-    got = json.loads(out.strip().splitlines()[-1])
-    assert got["netns"] == got["mine"] != os.stat("/proc/self/ns/net").st_ino
-    assert got["offsets"] == tracer_tp.offsets.as_dict()
+    matrix.check_fresh_netns("tracepoint", tracer_tp.offsets.as_dict())
+
+
+def test_full_map_loss_is_counted_not_silent():
+    need_tracepoint_backend()
+    import socket
+    import tracer
+    with tracer.Tracer(backend="tracepoint", tcp=False, max_conns=8) as t:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        for i in range(12):  # 12 flows: one per destination port
+            s.sendto(b"d" * (i + 1), ("127.0.0.1", 20000 + i))
+        mine = [c for c in t.poll() if c.pid == os.getpid()]
+        tel = t.telemetry()
+        assert len(mine) <= 8
+        assert len(mine) + tel["conn_lost"] == 12
+        assert tel["lost"] >= tel["conn_lost"] > 0
+        s.close()
