@@ -125,6 +125,9 @@ def has_sock_tracepoints():
 
 def availability():
     """{backend: (usable, why)} for this kernel."""
+    if os.geteuid() != 0:
+        why = "cannot tell without root (tracefs and kprobe sysfs files are root-only)"
+        return {"tracepoint": (False, why), "kprobe": (False, why)}
     kp = has_kprobes()
     try:
         tp = has_sock_tracepoints()
@@ -143,7 +146,11 @@ def choose(requested="auto"):
     if requested in ("kprobe", "tracepoint"):
         ok, why = avail[requested]
         if not ok:
-            raise BackendError("backend %s is not available on this kernel: %s" % (requested, why))
+            others = [b for b in sorted(avail) if avail[b][0] and b != requested]
+            hint = ("use --backend auto (%s works here)" % others[0]) if others else \
+                "no backend works on this kernel; see --check"
+            raise BackendError("the %s backend is not available on this kernel (%s): %s"
+                               % (requested, why, hint))
         return requested, "requested; " + why
     if requested != "auto":
         raise BackendError("unknown backend %r (use auto, kprobe or tracepoint)" % requested)

@@ -31,21 +31,25 @@ class TracerError(RuntimeError):
 class Tracer(object):
     """Loads tracer.bpf.o, guesses offsets, attaches a backend, polls.
 
-    backend: "auto", "kprobe" or "tracepoint".  tcp/udp/ipv6: what to trace.
-    pid: only this process's connections.  udp_idle/tcp_idle: seconds after
+    backend: "auto", "kprobe" or "tracepoint".  tcp/udp/ipv4/ipv6: what to
+    trace.  pid: only this process's connections; port: only connections
+    with this local or remote port.  udp_idle/tcp_idle: seconds after
     which an idle UDP flow, or a TCP connection never seen closing, expires.
     max_conns: size of the connection table in the kernel.
     """
 
     def __init__(self, backend="auto", tcp=True, udp=True, ipv6=True, pid=None,
-                 udp_idle=30.0, tcp_idle=600.0, max_conns=None, obj_path=None,
+                 ipv4=True, port=None, udp_idle=30.0, tcp_idle=600.0, max_conns=None, obj_path=None,
                  kprobe_method="auto"):
         self._coll = None
         self._links = []
         self.started = time.time()
         if not (tcp or udp):
             raise TracerError("nothing to trace: both TCP and UDP are off")
-        self.tcp, self.udp, self.ipv6, self.pid = tcp, udp, ipv6, pid
+        if not (ipv4 or ipv6):
+            raise TracerError("nothing to trace: both IPv4 and IPv6 are off")
+        self.tcp, self.udp, self.ipv4, self.ipv6 = tcp, udp, ipv4, ipv6
+        self.pid, self.port = pid, port
         try:
             self._open(backend, obj_path or OBJECT_PATH, max_conns, kprobe_method,
                        udp_idle, tcp_idle)
@@ -57,6 +61,9 @@ class Tracer(object):
     def _open(self, backend, obj_path, max_conns, kprobe_method, udp_idle, tcp_idle):
         if os.geteuid() != 0:
             raise TracerError("tracer-bpf needs root (CAP_BPF and CAP_PERFMON): run it with sudo")
+        if not os.path.exists(obj_path):
+            raise TracerError("the BPF object %s is missing: copy the whole tracer directory "
+                              "(or run make to build it)" % obj_path)
         try:
             spec = elfload.parse_file(obj_path)
         except elfload.ObjectError as e:
@@ -99,7 +106,9 @@ class Tracer(object):
             return False
         if (c.proto == "tcp" and not self.tcp) or (c.proto == "udp" and not self.udp):
             return False
-        if c.family == 6 and not self.ipv6:
+        if (c.family == 6 and not self.ipv6) or (c.family == 4 and not self.ipv4):
+            return False
+        if self.port is not None and self.port not in (c.lport, c.rport):
             return False
         return True
 
