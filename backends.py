@@ -244,8 +244,10 @@ def attach_all(coll, backend, programs, kprobe_method="auto"):
             try:
                 links.append(attach(coll, prog, kind, target, kprobe_method))
             except bpfsys.BPFError as e:
+                # only a kernel without raw tracepoints (EINVAL: unknown
+                # command) falls back; a wrong name (ENOENT) is an error
                 if kind != "raw_tracepoint" or prog not in PERF_FALLBACK or e.errno not in (
-                        errno.EINVAL, errno.ENOENT, errno.ENOSYS, errno.EOPNOTSUPP):
+                        errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                     raise
                 alt, target = PERF_FALLBACK[prog]
                 links.append(attach(coll, alt, "tracepoint", target))

@@ -341,7 +341,10 @@ class Map(KernelObject):
             except BPFError as e:
                 if e.errno != errno.ENOENT:
                     raise
-                # one was gone already: fall through to per-key deletes
+                # the kernel stopped at a key already gone, having deleted
+                # the `count` keys before it: go on key by key after it
+                done = struct.unpack_from("I", attr, 32)[0]
+                return done + sum(1 for k in keys[done + 1:] if self.delete(k))
         return sum(1 for k in keys if self.delete(k))
 
 

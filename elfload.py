@@ -186,6 +186,8 @@ def parse(data, path="<bytes>"):
     if not symtab:
         raise bad("no symbol table")
     st = sections[symtab[0]]
+    if st[5] >= len(sections):
+        raise bad("the symbol table links to string table %d, which does not exist" % st[5])
     strtab = sections[st[5]]
     symbols = []
     for k in range(st[4] // 24):
@@ -198,7 +200,10 @@ def parse(data, path="<bytes>"):
     map_by_sym = {}
     for i, n in enumerate(names):
         if n == "license":
-            license = body(i).split(b"\0")[0].decode()
+            try:
+                license = body(i).split(b"\0")[0].decode("ascii")
+            except UnicodeDecodeError:
+                raise bad("the license section is not ASCII text")
         elif n == "version" and sections[i][4] >= 4:
             kern_version = struct.unpack_from("<I", body(i))[0]
         elif n == "maps":
