@@ -128,79 +128,55 @@ def _udp_pair(family, local, remote):
     return s
 
 
-def _guess_v4(prober):
-    """daddr, saddr, dport, sport and the v4 family value from UDP sockets."""
+def _guess_udp(prober, family, rand_addr, patterns):
+    """Send from ROUNDS_PER_FIELD UDP sockets bound and connected to random
+    addresses (rand_addr()) and ports; patterns(laddr, lport, raddr, rport)
+    gives {field: (bytes, alignment)} to find in each dump.  Returns
+    ({field: candidate offsets found in every dump}, dumps)."""
     cands = None
     dumps = []
     for _ in range(ROUNDS_PER_FIELD):
-        laddr, raddr = _rand_v4(), _rand_v4()
-        s = _udp_pair(socket.AF_INET, (laddr, 0), (raddr, random.randint(20000, 60000)))
+        laddr, raddr = rand_addr(), rand_addr()
+        s = _udp_pair(family, (laddr, 0), (raddr, random.randint(20000, 60000)))
         try:
-            lport = s.getsockname()[1]
-            rport = s.getpeername()[1]
+            want = patterns(laddr, s.getsockname()[1], raddr, s.getpeername()[1])
             got = prober.probe(s)
         finally:
             s.close()
         if got is None:
             continue
-        sk = got[0]
-        dumps.append(sk)
-        found = {
-            "daddr": _find_all(sk, socket.inet_aton(raddr), 4),
-            "saddr": _find_all(sk, socket.inet_aton(laddr), 4),
-            "dport": _find_all(sk, struct.pack(">H", rport), 2),
-            "sport": _find_all(sk, struct.pack("<H", lport), 2),
-        }
+        dumps.append(got[0])
+        found = dict((f, _find_all(got[0], b, align)) for f, (b, align) in want.items())
         cands = found if cands is None else dict(
-            (k, [o for o in cands[k] if o in found[k]]) for k in cands)
-        if all(len(v) == 1 for v in cands.values()) and len(dumps) >= 2:
+            (f, [o for o in cands[f] if o in found[f]]) for f in cands)
+        if len(dumps) >= 2 and all(len(v) == 1 for v in cands.values()):
             break
     if cands is None:
-        raise GuessError("guessing saw no struct sock from its own thread after %d UDP sends: "
-                         "the guess program did not run" % ROUNDS_PER_FIELD)
-    out = {}
+        raise GuessError("guessing saw no struct sock from its own thread after %d UDP sends "
+                         "(family %d): the guess program did not run" % (ROUNDS_PER_FIELD, family))
     for field, offs in sorted(cands.items()):
         if not offs:
             raise GuessError("could not find the offset of %s in struct sock after %d tries"
                              % (field, ROUNDS_PER_FIELD))
-        out[field] = offs[0]
-    return out, dumps, cands["sport"]
+    return cands, dumps
+
+
+def _guess_v4(prober):
+    """daddr, saddr, dport and sport candidates from IPv4 UDP sockets."""
+    return _guess_udp(prober, socket.AF_INET, _rand_v4, lambda la, lp, ra, rp: {
+        "daddr": (socket.inet_aton(ra), 4),
+        "saddr": (socket.inet_aton(la), 4),
+        "dport": (struct.pack(">H", rp), 2),
+        "sport": (struct.pack("<H", lp), 2),
+    })
 
 
 def _guess_v6(prober):
-    """v6_daddr, v6_saddr, and the v6 dump (for the family field).  Uses
-    v4-mapped addresses so that the source and destination differ on a
-    loopback-only host."""
-    cands = None
-    dumps = []
-    for _ in range(ROUNDS_PER_FIELD):
-        laddr, raddr = "::ffff:" + _rand_v4(), "::ffff:" + _rand_v4()
-        s = _udp_pair(socket.AF_INET6, (laddr, 0), (raddr, random.randint(20000, 60000)))
-        try:
-            got = prober.probe(s)
-        finally:
-            s.close()
-        if got is None:
-            continue
-        sk = got[0]
-        dumps.append(sk)
-        found = {
-            "v6_daddr": _find_all(sk, socket.inet_pton(socket.AF_INET6, raddr), 4),
-            "v6_saddr": _find_all(sk, socket.inet_pton(socket.AF_INET6, laddr), 4),
-        }
-        cands = found if cands is None else dict(
-            (k, [o for o in cands[k] if o in found[k]]) for k in cands)
-        if all(len(v) == 1 for v in cands.values()) and len(dumps) >= 2:
-            break
-    if cands is None:
-        raise GuessError("guessing saw no IPv6 struct sock after %d sends" % ROUNDS_PER_FIELD)
-    out = {}
-    for field, offs in sorted(cands.items()):
-        if not offs:
-            raise GuessError("could not find the offset of %s in struct sock after %d tries"
-                             % (field, ROUNDS_PER_FIELD))
-        out[field] = offs[0]
-    return out, dumps
+    """v6_daddr and v6_saddr from IPv6 UDP sockets.  v4-mapped addresses
+    make source and destination differ on a loopback-only host."""
+    v6 = lambda a: socket.inet_pton(socket.AF_INET6, a)
+    return _guess_udp(prober, socket.AF_INET6, lambda: "::ffff:" + _rand_v4(),
+                      lambda la, lp, ra, rp: {"v6_daddr": (v6(ra), 4), "v6_saddr": (v6(la), 4)})
 
 
 def _u16s(data, value):
@@ -305,9 +281,10 @@ def guess(maps, want_protocol=True, ipv6=True):
     prober = _Prober(maps)
     notes = []
     try:
-        values, v4_dumps, sport_cands = _guess_v4(prober)
+        cands, v4_dumps = _guess_v4(prober)
+        values = dict((f, offs[0]) for f, offs in cands.items())
         tcp, tcp_lport = _tcp_dump(prober)
-        sport = [o for o in sport_cands if tcp[o:o + 2] == struct.pack("<H", tcp_lport)]
+        sport = [o for o in cands["sport"] if tcp[o:o + 2] == struct.pack("<H", tcp_lport)]
         if not sport:
             raise GuessError("could not find the offset of sport in struct sock: no slot holds "
                              "the local port of both a UDP and a TCP socket")
@@ -316,7 +293,7 @@ def guess(maps, want_protocol=True, ipv6=True):
         if ipv6:
             try:
                 v6, v6_dumps = _guess_v6(prober)
-                values.update(v6)
+                values.update((f, offs[0]) for f, offs in v6.items())
                 values["ipv6"] = 1
             except OSError as e:
                 if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENETUNREACH,

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from traffic import LOOPBACK, Pair
 
 
@@ -211,3 +213,43 @@ def agree(records_a, records_b):
         return sorted((c.proto, c.family, c.pid, c.laddr, c.lport, c.raddr, c.rport, c.netns,
                        c.sent_bytes, c.recv_bytes, c.state, c.direction) for c in recs)
     return summary(records_a), summary(records_b)
+
+
+# The matrix as tests: a test module imports these and defines a `col`
+# fixture (a conftest.Collector over its backend's Tracer).
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("hold", [False, True], ids=["short", "long"])
+def test_tcp_bytes_pids_ports(col, family, hold):
+    check_tcp(col, family, hold)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("unconnected", [False, True], ids=["connected", "unconnected"])
+@pytest.mark.parametrize("hold", [False, True], ids=["short", "long"])
+def test_udp_bytes_pids_ports(col, family, unconnected, hold):
+    check_udp(col, family, unconnected, hold)
+
+
+def test_short_lived_connection_reported_once_as_closed(col):
+    cli, srv = check_tcp(col, 4, hold=False)
+    later = col.poll()
+    assert [c for c in later if c.key in (cli.key, srv.key)] == []
+    assert cli.sent_delta == 3007 and srv.recv_delta == 3007
+
+
+def test_200_concurrent_connections(col):
+    assert check_many(col, 200) == 200
+
+
+def test_msg_peek_not_counted(col):
+    check_peek_not_counted(col)
+
+
+def test_sendfile_counts_bytes(col, tmp_path):
+    check_sendfile(col, tmp_path)
+
+
+def test_partial_send_counts_what_the_kernel_accepted(col):
+    check_partial_send_counts_accepted(col)
+

@@ -124,33 +124,11 @@ def test_kprobe_events_of_a_killed_tracer_removed_by_the_next_start():
     assert bpfsys.our_kprobe_events() == []
 
 
-@pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("hold", [False, True], ids=["short", "long"])
-def test_tcp_bytes_pids_ports(col, family, hold):
-    matrix.check_tcp(col, family, hold)
-
-
-@pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("unconnected", [False, True], ids=["connected", "unconnected"])
-@pytest.mark.parametrize("hold", [False, True], ids=["short", "long"])
-def test_udp_bytes_pids_ports(col, family, unconnected, hold):
-    matrix.check_udp(col, family, unconnected, hold)
-
-
-def test_200_concurrent_connections(col):
-    assert matrix.check_many(col, 200) == 200
-
-
-def test_msg_peek_not_counted(col):
-    matrix.check_peek_not_counted(col)
-
-
-def test_sendfile_counts_bytes(col, tmp_path):
-    matrix.check_sendfile(col, tmp_path)
-
-
-def test_partial_send_counts_what_the_kernel_accepted(col):
-    matrix.check_partial_send_counts_accepted(col)
+# the shared matrix (test/matrix.py), run here against this module's `col`
+from matrix import (test_tcp_bytes_pids_ports, test_udp_bytes_pids_ports,  # noqa: F401,E402
+                    test_short_lived_connection_reported_once_as_closed,
+                    test_200_concurrent_connections, test_msg_peek_not_counted,
+                    test_sendfile_counts_bytes, test_partial_send_counts_what_the_kernel_accepted)
 
 
 def test_guessed_offsets_reported(tracer_kp):

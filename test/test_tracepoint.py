@@ -28,40 +28,11 @@ def col(tracer_tp):
     return c
 
 
-@pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("hold", [False, True], ids=["short", "long"])
-def test_tcp_bytes_pids_ports(col, family, hold):
-    matrix.check_tcp(col, family, hold)
-
-
-@pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("unconnected", [False, True], ids=["connected", "unconnected"])
-@pytest.mark.parametrize("hold", [False, True], ids=["short", "long"])
-def test_udp_bytes_pids_ports(col, family, unconnected, hold):
-    matrix.check_udp(col, family, unconnected, hold)
-
-
-def test_short_lived_connection_reported_once_as_closed(col):
-    cli, srv = matrix.check_tcp(col, 4, hold=False)
-    later = col.poll()
-    assert [c for c in later if c.key in (cli.key, srv.key)] == []
-    assert cli.sent_delta == 3007 and srv.recv_delta == 3007
-
-
-def test_200_concurrent_connections(col):
-    assert matrix.check_many(col, 200) == 200
-
-
-def test_msg_peek_not_counted(col):
-    matrix.check_peek_not_counted(col)
-
-
-def test_sendfile_counts_bytes(col, tmp_path):
-    matrix.check_sendfile(col, tmp_path)
-
-
-def test_partial_send_counts_what_the_kernel_accepted(col):
-    matrix.check_partial_send_counts_accepted(col)
+# the shared matrix (test/matrix.py), run here against this module's `col`
+from matrix import (test_tcp_bytes_pids_ports, test_udp_bytes_pids_ports,  # noqa: F401,E402
+                    test_short_lived_connection_reported_once_as_closed,
+                    test_200_concurrent_connections, test_msg_peek_not_counted,
+                    test_sendfile_counts_bytes, test_partial_send_counts_what_the_kernel_accepted)
 
 
 def test_cross_check_of_guessed_offsets(col, tracer_tp):
