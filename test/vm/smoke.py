@@ -43,7 +43,8 @@ def guest(marker):
         conn, _ = srv.accept()
         cli.sendall(b"ping")
         assert conn.recv(4) == b"ping"
-        u1, u2 = socket.socket(family, socket.SOCK_DGRAM), socket.socket(family, socket.SOCK_DGRAM)
+        u1 = socket.socket(family, socket.SOCK_DGRAM)
+        u2 = socket.socket(family, socket.SOCK_DGRAM)
         u1.bind((addr, 0))
         u2.sendto(b"pong", u1.getsockname())
         assert u1.recv(4) == b"pong"
@@ -84,7 +85,8 @@ def host(versions):
                 if f.read().strip() != r.release:
                     problems.append("marker has the wrong release")
             os.unlink(marker)
-        print(r.summary() + (": FAILED: " + ", ".join(problems) if problems else ": smoke ok"))
+        print(r.summary() + (": FAILED: " + ", ".join(problems) if problems
+                             else ": smoke ok"))
         if problems:
             failed.append(v)
     for what, argv, timeout in (
