@@ -18,9 +18,16 @@ tracer.bpf.o: tracer.bpf.c tracer.bpf.h
 test:
 	$(PYTHON) -m pytest -ra -m "not kprobe" --ignore=test/vm test/
 
+# The kprobe selection, inside each Debian kernel under qemu (run as root).
+VM_KERNELS ?= 5.10,6.1,6.12
+VM_PYTEST = python3 -m pytest -ra -m kprobe -p no:cacheprovider test/test_kprobe.py
+vm-test:
+	$(PYTHON) test/vm/run.py --kernel $(VM_KERNELS) --timeout 1500 -- $(VM_PYTEST)
+
 check:
 	PYTHON=$(PYTHON) bash test/setup.sh
 	$(PYTHON) tools/check_runtime.py
 	$(PYTHON) -m pytest -ra -m "not kprobe" --ignore=test/vm test/
+	$(MAKE) vm-test
 
-.PHONY: all test check
+.PHONY: all test vm-test check
