@@ -18,11 +18,16 @@ tracer.bpf.o: tracer.bpf.c tracer.bpf.h
 test:
 	$(PYTHON) -m pytest -ra -m "not kprobe" --ignore=test/vm test/
 
-# The kprobe selection, inside each Debian kernel under qemu (run as root).
+# In each Debian kernel under qemu (as root): --check (the guessed offsets
+# and guessing time of the kprobe backend), then the kprobe test selection.
 VM_KERNELS ?= 5.10,6.1,6.12
-VM_PYTEST = python3 -m pytest -ra -m kprobe -p no:cacheprovider test/test_kprobe.py
+VM_CMD = python3 tracer.py --check --backend kprobe && \
+	python3 -m pytest -ra -m kprobe -p no:cacheprovider test/test_kprobe.py
 vm-test:
-	$(PYTHON) test/vm/run.py --kernel $(VM_KERNELS) --timeout 1500 -- $(VM_PYTEST)
+	$(PYTHON) test/vm/run.py --kernel $(VM_KERNELS) --timeout 1500 -- sh -c '$(VM_CMD)'
+
+vm-bench:
+	$(PYTHON) test/vm/run.py --kernel 6.12 --timeout 1500 -- python3 bench/vm.py
 
 check:
 	PYTHON=$(PYTHON) bash test/setup.sh

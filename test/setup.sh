@@ -4,7 +4,7 @@
 # kernels, iproute2/util-linux for network namespaces, pytest.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
-pkgs=(clang llvm make qemu-system-x86 busybox-static iproute2 util-linux xz-utils zstd kmod)
+pkgs=(clang llvm make qemu-system-x86 busybox-static iproute2 util-linux nftables xz-utils zstd kmod)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

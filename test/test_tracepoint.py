@@ -71,3 +71,45 @@ def test_full_map_loss_is_counted_not_silent():
         assert len(mine) + tel["conn_lost"] == 12
         assert tel["lost"] >= tel["conn_lost"] > 0
         s.close()
+
+
+RETRANSMIT_RUN = r"""
+import json, socket, struct, subprocess, sys, time
+sys.path[:0] = [%(root)r]
+subprocess.check_call(["ip", "link", "set", "lo", "up"])
+import tracer
+t = tracer.Tracer(backend="tracepoint", udp=False)
+lst = socket.socket(); lst.bind(("127.0.0.1", 0)); lst.listen(1)
+port = lst.getsockname()[1]
+cli = socket.create_connection(("127.0.0.1", port)); srv, _ = lst.accept()
+nft = lambda cmd: subprocess.check_call(["nft", cmd])
+nft("add table inet rtx")
+# dropped on input, so every (re)transmission itself succeeds
+nft("add chain inet rtx inp { type filter hook input priority 0 ; }")
+nft("add rule inet rtx inp tcp dport %%d tcp flags & psh == psh drop" %% port)
+cli.send(b"r" * 1000)
+time.sleep(0.7)  # the data is dropped: RTO (200 ms, then backed off) retransmits it
+nft("delete table inet rtx")
+got = 0
+while got < 1000: got += len(srv.recv(65536))
+info = cli.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+total_retrans = struct.unpack_from("<I", info, 100)[0]  # struct tcp_info.tcpi_total_retrans
+rec = [c for c in t.poll() if c.lport == cli.getsockname()[1]]
+print(json.dumps({"kernel": total_retrans, "traced": [(c.retransmits, c.sent_bytes) for c in rec]}))
+t.close()
+"""
+
+
+def test_retransmits_counted_as_the_kernel_counts_them():
+    need_tracepoint_backend()
+    import shutil
+    import subprocess
+    import sys
+    from conftest import ROOT
+    if not shutil.which("nft") or not shutil.which("unshare"):
+        pytest.skip("nft (nftables) or unshare missing: cannot drop packets in a private netns")
+    out = subprocess.check_output(["unshare", "--net", sys.executable, "-c",
+                                   RETRANSMIT_RUN % {"root": ROOT}], universal_newlines=True)
+    got = __import__("json").loads(out.strip().splitlines()[-1])
+    assert got["kernel"] >= 1
+    assert got["traced"] == [[got["kernel"], 1000]]
