@@ -113,3 +113,25 @@ def test_retransmits_counted_as_the_kernel_counts_them():
     got = __import__("json").loads(out.strip().splitlines()[-1])
     assert got["kernel"] >= 1
     assert got["traced"] == [[got["kernel"], 1000]]
+
+
+def test_idle_udp_flows_expire():
+    need_tracepoint_backend()
+    import socket
+    import time
+    import tracer
+    with tracer.Tracer(backend="tracepoint", tcp=False, udp_idle=0.4) as t:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.sendto(b"e" * 42, ("127.0.0.1", 9))
+        first = [c for c in t.poll() if c.lport == s.getsockname()[1]]
+        assert [(c.sent_bytes, c.pid) for c in first] == [(42, os.getpid())]
+        key = first[0].key
+        time.sleep(0.5)
+        t.poll()  # past udp_idle: the entry goes
+        assert t._coll.maps["conns"].lookup(key) is None
+        assert t.telemetry()["expired"] >= 1
+        s.sendto(b"e" * 8, ("127.0.0.1", 9))  # the flow comes back as a new entry
+        again = [c for c in t.poll() if c.lport == s.getsockname()[1]]
+        assert [(c.sent_bytes, c.sent_delta, c.first_seen) for c in again] == [(8, 8, True)]
+        s.close()
