@@ -200,6 +200,7 @@ class Map(KernelObject):
         self.value_size = value_size
         self.max_entries = max_entries
         self._batch_ok = None  # unknown until tried
+        self._batch_bufs = None
 
     def _elem(self, cmd, key, value=None, flags=0):
         kbuf = _buf(self.key_size)
@@ -267,10 +268,10 @@ class Map(KernelObject):
         cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
         what = "bpf(%s) on map '%s'" % (CMD_NAMES[cmd], self.name)
         ks, vs = self.key_size, self.value_size
-        # few, large calls: the kernel's cost is per call and per bucket
-        count = max(64, min(self.max_entries, 1 << 16))
-        keys = _buf(ks * count)
-        values = _buf(vs * count)
+        if self._batch_bufs is None:  # kept: a poll loop reads every interval
+            count = max(64, min(self.max_entries, 8192))
+            self._batch_bufs = (count, _buf(ks * count), _buf(vs * count))
+        count, keys, values = self._batch_bufs
         tok_in = _buf(max(ks, 8))
         tok_out = _buf(max(ks, 8))
         out_k, out_v = [], []
@@ -287,13 +288,14 @@ class Map(KernelObject):
                     count *= 2
                     keys = _buf(ks * count)
                     values = _buf(vs * count)
+                    self._batch_bufs = (count, keys, values)
                     continue
                 if e.errno != errno.ENOENT:
                     raise
                 done = True
             n = struct.unpack_from("I", attr, 32)[0]
             if n:
-                kraw, vraw = keys.raw, values.raw
+                kraw, vraw = ctypes.string_at(keys, n * ks), ctypes.string_at(values, n * vs)
                 out_k.extend([kraw[i:i + ks] for i in range(0, n * ks, ks)])
                 out_v.extend([vraw[i:i + vs] for i in range(0, n * vs, vs)])
             if done:

@@ -786,7 +786,7 @@ INLINE void tcp_send_return(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
 	struct stash copy, *st = stash_take(&copy);
-	long ret = (long)RC(ctx);
+	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
 	if (o && st && ret > 0)
 		tcp_count((void *)st->sk, o, ret, 0);
 }
@@ -826,7 +826,7 @@ int krp_tcp_recvmsg(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
 	struct stash copy, *st = stash_take(&copy);
-	long ret = (long)RC(ctx);
+	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
 	if (o && st && ret > 0 && !(st->flags & MSG_PEEK))
 		tcp_count((void *)st->sk, o, 0, ret);
 	return 0;
@@ -858,7 +858,7 @@ INLINE void udp_send_return(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
 	struct stash copy, *st = stash_take(&copy);
-	long ret = (long)RC(ctx);
+	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
 	if (o && st && ret > 0)
 		udp_count((void *)st->sk, o, ret, 0, st->has_peer ? &st->peer : 0);
 }
@@ -910,7 +910,7 @@ INLINE void udp_recv_return(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
 	struct stash copy, *st = stash_take(&copy);
-	long ret = (long)RC(ctx);
+	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
 	unsigned long name = 0;
 	struct peer p = {};
 

@@ -12,6 +12,7 @@ Command line: sudo python3 tracer.py --interval 2 (see --help).
 
 import os
 import sys
+import threading
 import time
 
 import backends
@@ -149,9 +150,14 @@ class Tracer(object):
 
     def close(self):
         """Detach every probe and close every fd (idempotent)."""
-        for l in self._links:
-            l.close()
-        self._links = []
+        # closing a perf event waits for an RCU grace period (~70 ms here):
+        # close them side by side, not one after the other
+        links, self._links = self._links, []
+        threads = [threading.Thread(target=l.close) for l in links]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
         if self._coll is not None:
             self._coll.close()
             self._coll = None

@@ -161,7 +161,7 @@ def check_sendfile(col, tmpdir, size=200000):
 
 def check_partial_send_counts_accepted(col):
     """A non-blocking send of more than the socket buffer: only what the
-    kernel accepted counts."""
+    kernel accepted counts, and a send that fails (EAGAIN) counts nothing."""
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
     lst.listen(1)
@@ -170,6 +170,11 @@ def check_partial_send_counts_accepted(col):
     c.setblocking(False)
     accepted = c.send(b"x" * (64 << 20))
     assert 0 < accepted < (64 << 20)
+    try:  # the buffer is full now: this send fails with EAGAIN and adds nothing
+        c.send(b"y" * 8192)
+        raise AssertionError("a send into a full socket buffer succeeded")
+    except BlockingIOError:
+        pass
     rec = col.one(pid=os.getpid(), lport=c.getsockname()[1], sent_bytes=accepted)
     assert rec.sent_bytes == accepted
     for x in (c, s, lst):
