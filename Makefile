@@ -26,8 +26,12 @@ VM_CMD = python3 tracer.py --check --backend kprobe && \
 vm-test:
 	$(PYTHON) test/vm/run.py --kernel $(VM_KERNELS) --timeout 1500 -- sh -c '$(VM_CMD)'
 
+# Benchmarks print figures (BENCHMARKS.md records them); root; run on a quiet machine.
+bench:
+	$(PYTHON) bench/run.py
+
 vm-bench:
-	$(PYTHON) test/vm/run.py --kernel 6.12 --timeout 1500 -- python3 bench/vm.py
+	$(PYTHON) bench/vm.py --install-peers
 
 check:
 	PYTHON=$(PYTHON) bash test/setup.sh
@@ -35,4 +39,4 @@ check:
 	$(PYTHON) -m pytest -ra -m "not kprobe" --ignore=test/vm test/
 	$(MAKE) vm-test
 
-.PHONY: all test vm-test check
+.PHONY: all test vm-test check bench vm-bench
