@@ -379,6 +379,8 @@ INLINE void peer_from_sockaddr(struct peer *p, const void *sa, int user)
 	p->port = swap16(p->port);
 }
 
+/* p: the message's peer (family 0: none).  Never NULL: clang turns a NULL
+ * check of it into code that older verifiers (5.10, 6.1) reject. */
 INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv, struct peer *p)
 {
 	struct conn_tuple t;
@@ -386,7 +388,7 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 
 	if (read_tuple(sk, o, bpf_get_current_pid_tgid() >> 32, TRACER_PROTO_UDP, &t))
 		return;
-	if (p && p->family && t.dport == 0) { /* unconnected: the message's peer */
+	if (p->family && t.dport == 0) { /* unconnected: the message's peer */
 		if (p->family == 6 || t.family == 6) {
 			if (t.family == 4) { /* cannot happen for a v4 socket */
 				return;
@@ -472,18 +474,22 @@ INLINE void on_send_length(const void *sk, long ret)
 	struct offsets *o = ready_offsets();
 	__u64 id = bpf_get_current_pid_tgid();
 	struct stash *st = 0;
+	struct peer peer = {};
 	__u16 proto;
 
 	if (!o)
 		return;
 	proto = read_protocol(sk, o);
-	if (proto == TRACER_PROTO_UDP)
+	if (proto == TRACER_PROTO_UDP) {
 		st = bpf_map_lookup_elem(&stash, &id);
+		if (st) /* a copy: no pointer into a maybe-NULL map value */
+			__builtin_memcpy(&peer, &st->peer, sizeof(peer));
+	}
 	if (ret > 0) {
 		if (proto == TRACER_PROTO_TCP)
 			tcp_count(sk, o, ret, 0);
 		else if (proto == TRACER_PROTO_UDP)
-			udp_count(sk, o, ret, 0, st && st->has_peer ? &st->peer : 0);
+			udp_count(sk, o, ret, 0, &peer);
 	}
 	if (st)
 		bpf_map_delete_elem(&stash, &id);
@@ -494,6 +500,7 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 	struct offsets *o = ready_offsets();
 	__u64 id = bpf_get_current_pid_tgid();
 	struct stash *st;
+	struct peer none = {};
 	__u16 proto, dport = 0;
 
 	if (!o || ret <= 0 || (flags & MSG_PEEK))
@@ -512,7 +519,7 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 		st->bytes = ret;
 		return;
 	}
-	udp_count(sk, o, 0, ret, 0);
+	udp_count(sk, o, 0, ret, &none);
 }
 
 SEC("raw_tracepoint/sock_send_length")
@@ -860,7 +867,7 @@ INLINE void udp_send_return(struct pt_regs *ctx)
 	struct stash copy, *st = stash_take(&copy);
 	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
 	if (o && st && ret > 0)
-		udp_count((void *)st->sk, o, ret, 0, st->has_peer ? &st->peer : 0);
+		udp_count((void *)st->sk, o, ret, 0, &st->peer);
 }
 
 SEC("kprobe/udp_sendmsg")

@@ -67,9 +67,11 @@ def test_full_map_loss_is_counted_not_silent():
             s.sendto(b"d" * (i + 1), ("127.0.0.1", 20000 + i))
         mine = [c for c in t.poll() if c.pid == os.getpid()]
         tel = t.telemetry()
-        assert len(mine) <= 8
-        assert len(mine) + tel["conn_lost"] == 12
-        assert tel["lost"] >= tel["conn_lost"] > 0
+        assert len(mine) <= tel["tracked"] <= 8
+        # every flow is either in the table or counted lost (other processes'
+        # flows, on a busy machine, can only add to the losses)
+        assert len(mine) + tel["conn_lost"] >= 12
+        assert tel["lost"] >= tel["conn_lost"] >= 12 - 8
         s.close()
 
 
