@@ -361,8 +361,8 @@ class Output(object):
         self.out.write(textwrap.fill(msg, terminal_width()) + "\n")
         self.out.flush()
 
-    def interval(self, polled, conns, final=False):
-        """polled: what Tracer.poll() returned; conns: those to show."""
+    def interval(self, conns, final=False):
+        """conns: what Tracer.poll() returned (filters applied)."""
         self.intervals += 1
         tele = self.tr.telemetry()
         if self.args.json:
@@ -374,7 +374,7 @@ class Output(object):
         else:
             width = terminal_width()
             # conns: in the kernel table at this poll, those closing now included
-            tracked = tele["tracked"] + sum(1 for c in polled if c.state == "closed")
+            tracked = tele["tracked"] + sum(1 for c in conns if c.state == "closed")
             head = "%s backend=%s conns=%d shown=%d lost=%d" % (
                 time.strftime("%H:%M:%S"), self.tr.backend, tracked, len(conns), tele["lost"])
             if final:
@@ -396,11 +396,11 @@ def trace(args):
         next_at = time.monotonic() + args.interval
         while True:
             stopped = stopper.wait(next_at - time.monotonic())
-            polled = tr.poll()
+            conns = tr.poll()
             if stopper.signum == signal.SIGHUP:
                 return 0  # the terminal is gone: nobody to print to
             last = stopped or (args.count is not None and out.intervals + 1 >= args.count)
-            out.interval(polled, polled, final=last)
+            out.interval(conns, final=last)
             if last:
                 return 0
             next_at += args.interval
