@@ -14,10 +14,12 @@ import socket
 import struct
 import time
 
+import bpfsys
+
 # struct conn_tuple in tracer.bpf.h
 CONN_TUPLE = struct.Struct("<16s16sIIHHBBH")
 # struct conn_stats in tracer.bpf.h
-CONN_STATS = struct.Struct("<QQQQIBBH16s")
+CONN_STATS = struct.Struct("<QQQQIBBH16sII")
 # struct sock_info in tracer.bpf.h (the tuple first)
 SOCK_INFO_TUPLE = slice(0, CONN_TUPLE.size)
 
@@ -27,7 +29,7 @@ STATE_CLOSED = 2
 
 # the telemetry map's slots (TELE_* in tracer.bpf.h)
 TELEMETRY_NAMES = ("conn_lost", "sock_lost", "stash_lost", "tuple_mismatch", "tuple_checked",
-                   "read_faults", "pending_lost", "_unused")
+                   "read_faults", "pending_lost", "dirty_lost")
 
 FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "raddr", "rport",
           "netns", "sent_bytes", "recv_bytes", "sent_delta", "recv_delta", "retransmits",
@@ -69,37 +71,81 @@ _LAST_NS_OFFSET = 24  # conn_stats.last_ns
 
 
 class ConnTable(object):
-    def __init__(self, conns, socks, udp_idle=30.0, tcp_idle=600.0):
+    """Polls the conns map.  With a dirty map (keys the kernel changed since
+    the poll generation began) a poll reads only what changed; every
+    full_every seconds, or when the dirty set could not keep up, it reads
+    the whole table (which also expires idle entries)."""
+
+    def __init__(self, conns, socks, udp_idle=30.0, tcp_idle=600.0, dirty=None, set_gen=None):
         self.conns = conns
         self.socks = socks
+        self.dirty = dirty
+        self.set_gen = set_gen
+        self.gen = 0
         self.udp_idle_ns = int(udp_idle * 1e9)
         self.tcp_idle_ns = int(tcp_idle * 1e9)
-        # expiry needs every entry's last_ns: scan only now and then
-        self.expiry_every_ns = max(int(min(udp_idle, tcp_idle) * 1e9 / 4), 1)
-        self.next_expiry_ns = 0
+        # expiry needs every entry's last_ns: a full read only now and then
+        self.full_every_ns = max(int(min(udp_idle, tcp_idle) * 1e9 / 4), 1)
+        self.next_full_ns = 0
+        self.drained_prev = set()
+        self.dirty_lost = 0
         self.prev = {}        # key -> raw conn_stats bytes at the previous poll
         self.decoded = {}     # key -> decoded tuple (cache)
         self.last_poll_seconds = 0.0
+        self.last_poll_full = True
         self.tracked = 0
         self.expired = 0
 
-    def poll(self, include=None):
+    def _next_generation(self, dirty_lost):
+        """Start a new generation, then drain the keys marked in the old one.
+        The keys drained by the previous poll are read again: an update that
+        raced with that drain saw the old generation and did not mark."""
+        self.gen = (self.gen + 1) & 0xFFFFFFFF
+        self.set_gen(self.gen)
+        try:
+            drained = set(self.dirty.read_batch(delete=True)[0])
+        except bpfsys.BPFError:
+            self.dirty = None  # no LOOKUP_AND_DELETE_BATCH (before 5.6): full reads
+            return None
+        look = drained | self.drained_prev
+        self.drained_prev = drained
+        if dirty_lost != self.dirty_lost:  # the dirty map was full: read everything
+            self.dirty_lost = dirty_lost
+            return None
+        return look
+
+    def poll(self, include=None, dirty_lost=0):
         """Connections active since the previous poll (include: a filter
-        on the record)."""
+        on the record; dirty_lost: the kernel's count of dirty-map misses)."""
         start = time.time()
         now_ns = monotonic_ns()
-        keys, values = self.conns.read_all()
-        cur = dict(zip(keys, values))
+        look = None
+        if self.dirty is not None:
+            look = self._next_generation(dirty_lost)
+        full = look is None or now_ns >= self.next_full_ns or len(look) > max(1024, len(self.prev) // 4)
         prev = self.prev
+        if full:
+            keys, values = self.conns.read_all()
+            cur = dict(zip(keys, values))
+            self.next_full_ns = now_ns + self.full_every_ns
+        else:
+            keys, values = [], []
+            for k in look:
+                v = self.conns.lookup(k)
+                if v is not None:
+                    keys.append(k)
+                    values.append(v)
+            cur = prev
         # compared in C (map/compress): unchanged entries cost next to nothing
-        changed = itertools.compress(zip(keys, values), map(operator.ne, values, map(prev.get, keys)))
+        changed = list(itertools.compress(zip(keys, values),
+                                          map(operator.ne, values, map(prev.get, keys))))
         out = []
         gone = []
         for key, value in changed:
-            sent, recv, first_ns, last_ns, retr, direction, state, _, comm = CONN_STATS.unpack(value)
+            sent, recv, first_ns, last_ns, retr, direction, state, _, comm, _, _ = CONN_STATS.unpack(value)
             old = prev.get(key)
             if old is not None:
-                o_sent, o_recv, _, _, o_retr, _, o_state, _, _ = CONN_STATS.unpack(old)
+                o_sent, o_recv, _, _, o_retr, _, o_state, _, _, _, _ = CONN_STATS.unpack(old)
                 if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state):
                     continue
             else:
@@ -125,20 +171,22 @@ class ConnTable(object):
             c.first_seen = old is None
             if include is None or include(c):
                 out.append(c)
+        if not full:
+            cur.update(changed)
         out.sort(key=lambda c: c.key)
-        if now_ns >= self.next_expiry_ns:
-            self.next_expiry_ns = now_ns + self.expiry_every_ns
+        if full:
             gone.extend(self._idle(cur, now_ns))
         if gone:
             self.conns.delete_keys(gone)
             for key in gone:
                 cur.pop(key, None)
                 self.decoded.pop(key, None)
-        if len(self.decoded) > len(cur):
+        if full and len(self.decoded) > len(cur):
             for key in self.decoded.keys() - cur.keys():
                 del self.decoded[key]
         self.prev = cur
         self.tracked = len(cur)
+        self.last_poll_full = full
         self.last_poll_seconds = time.time() - start
         return out
 

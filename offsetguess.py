@@ -26,7 +26,7 @@ import bpfsys
 # struct offsets in tracer.bpf.h
 OFFSETS = struct.Struct("<14I")
 OFFSET_FIELDS = ("ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state",
-                 "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "_pad")
+                 "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "gen")
 # struct guess_req in tracer.bpf.h
 GUESS_REQ = struct.Struct("<QII")
 # struct guess_dump in tracer.bpf.h: header, then the sk and net bytes
@@ -56,8 +56,9 @@ class Offsets(object):
     def ipv6(self):
         return bool(self.values.get("ipv6"))
 
-    def pack(self):
-        return OFFSETS.pack(*[self.values.get(f, 0) for f in OFFSET_FIELDS])
+    def pack(self, gen=0):
+        """struct offsets, with the poll generation gen."""
+        return OFFSETS.pack(*[gen if f == "gen" else self.values.get(f, 0) for f in OFFSET_FIELDS])
 
     def as_dict(self):
         return dict((k, v) for k, v in self.values.items() if not k.startswith("_"))

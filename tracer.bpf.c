@@ -46,6 +46,9 @@ struct bpf_map_def {
 MAP(conns, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(struct conn_stats), 65536);
 MAP(socks, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct sock_info), 65536);
 MAP(stash, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct stash), 16384);
+/* Keys of conns entries changed since the poll generation began: the poll
+ * drains it, so a poll costs what changed, not the table size. */
+MAP(dirty, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(__u32), 65536);
 MAP(offsets, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(struct offsets), 1);
 MAP(telemetry, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u64), TELE_MAX);
 MAP(tp_fields, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u32), TPF_MAX);
@@ -203,9 +206,22 @@ INLINE __u16 read_protocol(const void *sk, struct offsets *o)
 	return proto;
 }
 
+/* Put t in the dirty set, once per poll generation. */
+INLINE void mark_dirty(const struct conn_tuple *t, struct conn_stats *s, struct offsets *o)
+{
+	__u32 gen = o->gen;
+
+	if (s->gen == gen)
+		return;
+	s->gen = gen;
+	if (bpf_map_update_elem(&dirty, t, &gen, BPF_ANY))
+		tele_add(TELE_DIRTY_LOST);
+}
+
 /* Find or create the conns entry of a tuple.  comm: the owner's name when
  * known (NULL: the current task's). */
-INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, const char *comm)
+INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, const char *comm,
+				    struct offsets *o)
 {
 	struct conn_stats *s = bpf_map_lookup_elem(&conns, t);
 	struct conn_stats fresh = {};
@@ -214,6 +230,7 @@ INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, const char *
 	if (s)
 		return s;
 	fresh.first_ns = fresh.last_ns = bpf_ktime_get_ns();
+	fresh.gen = o->gen;
 	fresh.direction = dir;
 	fresh.state = CONN_OPEN;
 	if (comm)
@@ -224,10 +241,13 @@ INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, const char *
 	s = bpf_map_lookup_elem(&conns, t);
 	if (!s && err)
 		tele_add(TELE_CONN_LOST);
+	if (s && !err && bpf_map_update_elem(&dirty, t, &fresh.gen, BPF_ANY))
+		tele_add(TELE_DIRTY_LOST);
 	return s;
 }
 
-INLINE void add_bytes(struct conn_stats *s, __u64 sent, __u64 recv)
+INLINE void add_bytes(const struct conn_tuple *t, struct conn_stats *s, struct offsets *o,
+		      __u64 sent, __u64 recv)
 {
 	if (sent)
 		__sync_fetch_and_add(&s->sent_bytes, sent);
@@ -235,6 +255,7 @@ INLINE void add_bytes(struct conn_stats *s, __u64 sent, __u64 recv)
 		__sync_fetch_and_add(&s->recv_bytes, recv);
 	s->last_ns = bpf_ktime_get_ns();
 	s->state = CONN_OPEN;
+	mark_dirty(t, s, o);
 }
 
 /* ------------------------------------------------------------------ */
@@ -269,7 +290,7 @@ INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u8 dir_
 	if (si->tuple.pid == 0) {
 		si->tuple.pid = tgid;
 		bpf_get_current_comm(si->comm, sizeof(si->comm));
-		get_stats(&si->tuple, si->direction, si->comm);
+		get_stats(&si->tuple, si->direction, si->comm, o);
 	}
 	return si;
 }
@@ -284,9 +305,9 @@ INLINE void tcp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
 		return;
 	__builtin_memcpy(&t, &si->tuple, sizeof(t));
 	t.pid = bpf_get_current_pid_tgid() >> 32;
-	s = get_stats(&t, si->direction, 0);
+	s = get_stats(&t, si->direction, 0, o);
 	if (s)
-		add_bytes(s, sent, recv);
+		add_bytes(&t, s, o, sent, recv);
 }
 
 INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
@@ -310,7 +331,7 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 			if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &si->tuple))
 				return;
 			si->has_tuple = 1;
-			get_stats(&si->tuple, DIR_OUTGOING, si->comm);
+			get_stats(&si->tuple, DIR_OUTGOING, si->comm, o);
 		} else if (!si) { /* passive open: owner known at accept or first use */
 			struct sock_info fresh = {};
 			if (read_tuple(sk, o, 0, TRACER_PROTO_TCP, &fresh.tuple))
@@ -333,6 +354,7 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 			if (s) {
 				s->state = CONN_CLOSED;
 				s->last_ns = bpf_ktime_get_ns();
+				mark_dirty(&si->tuple, s, o);
 			}
 		}
 		bpf_map_delete_elem(&socks, &key);
@@ -342,14 +364,17 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 INLINE void tcp_retransmit(const void *sk)
 {
 	__u64 key = (__u64)sk;
+	struct offsets *o = ready_offsets();
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 	struct conn_stats *s;
 
-	if (!si || !si->has_tuple || !si->tuple.pid)
+	if (!o || !si || !si->has_tuple || !si->tuple.pid)
 		return;
 	s = bpf_map_lookup_elem(&conns, &si->tuple);
-	if (s)
+	if (s) {
 		__sync_fetch_and_add(&s->retransmits, 1);
+		mark_dirty(&si->tuple, s, o);
+	}
 }
 
 /* ------------------------------------------------------------------ */
@@ -407,9 +432,9 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 		}
 		t.dport = p->port;
 	}
-	s = get_stats(&t, sent ? DIR_OUTGOING : DIR_INCOMING, 0);
+	s = get_stats(&t, sent ? DIR_OUTGOING : DIR_INCOMING, 0, o);
 	if (s)
-		add_bytes(s, sent, recv);
+		add_bytes(&t, s, o, sent, recv);
 }
 
 /* ------------------------------------------------------------------ */

@@ -47,6 +47,8 @@ struct conn_stats {
 	__u8 state;       /* CONN_OPEN or CONN_CLOSED */
 	__u16 _pad;
 	char comm[16];
+	__u32 gen;        /* the poll generation in which it was last put in dirty */
+	__u32 _pad2;
 };
 
 /* Value of the socks map (key: struct sock address): who owns a TCP socket
@@ -96,7 +98,7 @@ struct offsets {
 	__u32 v6_saddr;
 	__u32 net;        /* skc_net: struct net * */
 	__u32 netns_inum; /* offset of ns.inum inside struct net */
-	__u32 _pad;
+	__u32 gen;        /* poll generation: user space bumps it at each poll */
 };
 
 /* guess_req map, index 0: what the guessing thread asks for.
@@ -131,6 +133,7 @@ struct guess_dump {
 #define TELE_TUPLE_CHECKED 4  /* cross-checks made */
 #define TELE_READ_FAULT 5     /* bpf_probe_read_kernel failed */
 #define TELE_PENDING_LOST 6   /* UDP receive whose peer address was not read */
+#define TELE_DIRTY_LOST 7     /* dirty map full: the next full scan finds it */
 #define TELE_MAX 8
 
 /* test_counts map (array of __u64), used only by the self-test programs. */

@@ -21,6 +21,7 @@ import conntrack
 import elfload
 import offsetguess
 
+_TELE_DIRTY_LOST = conntrack.TELEMETRY_NAMES.index("dirty_lost").to_bytes(4, "little")
 OBJECT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tracer.bpf.o")
 
 
@@ -83,7 +84,7 @@ class Tracer(object):
         names = [p for p, _, _ in self.plan] + [p for p, _, _ in backends.GUESS_PROGRAMS[self.backend]]
         if self.backend == "tracepoint":
             names += [alt for alt, _ in backends.PERF_FALLBACK.values()]
-        sizes = {"conns": max_conns, "socks": max_conns} if max_conns else None
+        sizes = {"conns": max_conns, "socks": max_conns, "dirty": max_conns} if max_conns else None
         try:
             self._coll = spec.load(names, sizes)
         except bpfsys.BPFError as e:
@@ -99,8 +100,11 @@ class Tracer(object):
             self._links = backends.attach_all(self._coll, self.backend, self.plan, kprobe_method)
         except (bpfsys.BPFError, OSError, backends.BackendError) as e:
             raise TracerError("attaching the %s backend failed: %s" % (self.backend, e))
-        self._table = conntrack.ConnTable(self._coll.maps["conns"], self._coll.maps["socks"],
-                                          udp_idle, tcp_idle)
+        offsets_map = self._coll.maps["offsets"]
+        self._table = conntrack.ConnTable(
+            self._coll.maps["conns"], self._coll.maps["socks"], udp_idle, tcp_idle,
+            dirty=self._coll.maps["dirty"],
+            set_gen=lambda gen: offsets_map.update(b"\0\0\0\0", self.offsets.pack(gen)))
 
     def _include(self, c):
         if self.pid is not None and c.pid != self.pid:
@@ -116,7 +120,8 @@ class Tracer(object):
     def poll(self):
         """Connections that opened, moved bytes, retransmitted or closed since
         the previous poll; each a conntrack.Conn with the JSON fields."""
-        return self._table.poll(self._include)
+        lost = self._coll.maps["telemetry"].lookup(_TELE_DIRTY_LOST)
+        return self._table.poll(self._include, int.from_bytes(lost, "little"))
 
     def telemetry(self):
         """Counters: connections tracked, entries lost, poll time, ..."""

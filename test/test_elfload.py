@@ -69,7 +69,8 @@ KINDS = {"kprobe/": ("kprobe", 2), "kretprobe/": ("kretprobe", 2),
 HASH, ARRAY = 1, 2
 # map -> (type, key size, value size, max entries, flags): MAP() in tracer.bpf.c
 MAPS = {
-    "conns": (HASH, 48, 56, 65536, 0),
+    "conns": (HASH, 48, 64, 65536, 0),
+    "dirty": (HASH, 48, 4, 65536, 0),
     "socks": (HASH, 8, 72, 65536, 0),
     "stash": (HASH, 8, 72, 16384, 0),
     "offsets": (ARRAY, 4, 56, 1, 0),

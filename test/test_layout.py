@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C_FIELDS = {
     "conn_tuple": ("saddr", "daddr", "netns", "pid", "sport", "dport", "family", "proto", "_pad"),
     "conn_stats": ("sent_bytes", "recv_bytes", "first_ns", "last_ns", "retransmits", "direction",
-                   "state", "_pad", "comm"),
+                   "state", "_pad", "comm", "gen", "_pad2"),
     "sock_info": ("tuple", "comm", "direction", "has_tuple", "_pad"),
     "offsets": offsetguess.OFFSET_FIELDS,
     "guess_req": ("pid_tgid", "net_off", "seq"),
@@ -124,7 +124,7 @@ def test_conn_tuple_mirrors_the_c_struct(c_layout):
 
 
 def test_conn_stats_mirrors_the_c_struct(c_layout):
-    assert c_layout["conn_stats"] == conntrack.CONN_STATS.size == 56
+    assert c_layout["conn_stats"] == conntrack.CONN_STATS.size == 64
     assert_mirrors(c_layout, "conn_stats", conntrack.CONN_STATS)
 
 

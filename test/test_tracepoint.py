@@ -137,3 +137,17 @@ def test_idle_udp_flows_expire():
         again = [c for c in t.poll() if c.lport == s.getsockname()[1]]
         assert [(c.sent_bytes, c.sent_delta, c.first_seen) for c in again] == [(8, 8, True)]
         s.close()
+
+
+def test_polls_between_full_reads_read_only_what_changed():
+    need_tracepoint_backend()
+    import tracer
+    # idle limits of 10 minutes: a full table read every 150 s, none in this test
+    with tracer.Tracer(backend="tracepoint", udp_idle=600) as t:
+        col = Collector(t)
+        col.poll()
+        col.poll()
+        assert t._table.last_poll_full is False  # the dirty set, not a table read
+        cli, srv = matrix.check_tcp(col, 4, hold=True)
+        assert t._table.last_poll_full is False
+        assert (cli.sent_bytes, srv.recv_bytes) == (3007, 3007)
