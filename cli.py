@@ -77,7 +77,8 @@ output (--json): one JSON object per line on stdout.  After each interval,
   proto, family, pid, comm, laddr, lport, raddr, rport, netns, sent_bytes,
   recv_bytes, sent_delta, recv_delta, retransmits, state, direction), then
   one {"type": "telemetry", ...} (tracked, lost, conn_lost, sock_lost,
-  stash_lost, poll_seconds, ..., plus "interval": its 1-based number,
+  stash_lost, dirty_lost, missed, tuple_checked, tuple_mismatch,
+  poll_seconds, ..., plus "interval": its 1-based number,
   "records": conn records printed, "final": true on the last).  A line
   "tracer: tracing ..." on stderr says when tracing has started.
 

@@ -39,7 +39,7 @@ FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "r
 class Conn(object):
     """One connection of one process, as the JSON "conn" record."""
 
-    __slots__ = FIELDS + ("key", "retransmits_delta", "first_seen")
+    __slots__ = FIELDS + ("key", "first_seen")
 
     def as_dict(self):
         return dict((f, getattr(self, f)) for f in FIELDS)
@@ -165,7 +165,6 @@ class ConnTable(object):
             c.sent_bytes, c.recv_bytes, c.retransmits = sent, recv, retr
             c.sent_delta = sent - o_sent
             c.recv_delta = recv - o_recv
-            c.retransmits_delta = retr - o_retr
             c.state = "closed" if closed else "open"
             c.direction = DIRECTIONS.get(direction, "unknown")
             c.first_seen = old is None
