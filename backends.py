@@ -39,6 +39,7 @@ TP_FIELDS = {
     16: ("sock", "sock_send_length", "ret"),
     17: ("sock", "sock_send_length", "flags"),
     18: ("tcp", "tcp_retransmit_skb", "skaddr"),
+    19: ("tcp", "tcp_retransmit_skb", "skbaddr"),
 }
 
 # (program, attach kind, target, needed for: "tcp", "udp" or "both")
@@ -46,13 +47,23 @@ TRACEPOINT_PROGRAMS = (
     ("tp_inet_sock_set_state", "tracepoint", "sock/inet_sock_set_state", "tcp"),
     ("tp_sock_send_length", "raw_tracepoint", "sock_send_length", "both"),
     ("tp_sock_recv_length", "raw_tracepoint", "sock_recv_length", "both"),
-    ("tp_tcp_retransmit_skb", "raw_tracepoint", "tcp_retransmit_skb", "tcp"),
-    ("tp_sys_enter_sendto", "tracepoint", "syscalls/sys_enter_sendto", "udp"),
-    ("tp_sys_enter_sendmsg", "tracepoint", "syscalls/sys_enter_sendmsg", "udp"),
-    ("tp_sys_enter_recvfrom", "tracepoint", "syscalls/sys_enter_recvfrom", "udp"),
-    ("tp_sys_enter_recvmsg", "tracepoint", "syscalls/sys_enter_recvmsg", "udp"),
-    ("tp_sys_exit_recvfrom", "tracepoint", "syscalls/sys_exit_recvfrom", "udp"),
-    ("tp_sys_exit_recvmsg", "tracepoint", "syscalls/sys_exit_recvmsg", "udp"),
+    ("tp_tcp_retransmit_skb{err}", "raw_tracepoint", "tcp_retransmit_skb", "tcp"),
+    ("tp_tcp_destroy_sock", "raw_tracepoint", "tcp_destroy_sock", "tcp"),
+    ("cg_sendmsg4", "cgroup", "sendmsg4", "udp"),
+    ("cg_sendmsg6", "cgroup", "sendmsg6", "udp"),
+    ("cg_recvmsg4", "cgroup", "recvmsg4", "udp"),
+    ("cg_recvmsg6", "cgroup", "recvmsg6", "udp"),
+)
+# Where the cgroup hooks cannot be attached (no cgroup2, before 5.7): the
+# message addresses from syscall tracepoints instead, which put every
+# syscall of every task on the traced slow path while attached.
+SYSCALL_FALLBACK = (
+    ("tp_sys_enter_sendto", "tracepoint", "syscalls/sys_enter_sendto"),
+    ("tp_sys_enter_sendmsg", "tracepoint", "syscalls/sys_enter_sendmsg"),
+    ("tp_sys_enter_recvfrom", "tracepoint", "syscalls/sys_enter_recvfrom"),
+    ("tp_sys_enter_recvmsg", "tracepoint", "syscalls/sys_enter_recvmsg"),
+    ("tp_sys_exit_recvfrom", "tracepoint", "syscalls/sys_exit_recvfrom"),
+    ("tp_sys_exit_recvmsg", "tracepoint", "syscalls/sys_exit_recvmsg"),
 )
 # perf-tracepoint stand-ins for raw tracepoints
 PERF_FALLBACK = {
@@ -71,21 +82,20 @@ KPROBE_PROGRAMS = (
     ("krp_tcp_sendpage", "kretprobe", "tcp_sendpage?", "tcp"),
     ("kp_tcp_recvmsg{recv}", "kprobe", "tcp_recvmsg", "tcp"),
     ("krp_tcp_recvmsg", "kretprobe", "tcp_recvmsg", "tcp"),
-    ("kp_tcp_retransmit_skb", "kprobe", "tcp_retransmit_skb", "tcp"),
+    ("tp_tcp_retransmit_skb{err}", "raw_tracepoint", "tcp_retransmit_skb", "tcp"),
+    ("tp_tcp_destroy_sock", "raw_tracepoint", "tcp_destroy_sock", "tcp"),
     ("kp_udp_sendmsg", "kprobe", "udp_sendmsg", "udp"),
     ("krp_udp_sendmsg", "kretprobe", "udp_sendmsg", "udp"),
     ("kp_udpv6_sendmsg", "kprobe", "udpv6_sendmsg", "udp"),
     ("krp_udpv6_sendmsg", "kretprobe", "udpv6_sendmsg", "udp"),
-    ("kp_udp_recvmsg{recv}", "kprobe", "udp_recvmsg", "udp"),
-    ("krp_udp_recvmsg", "kretprobe", "udp_recvmsg", "udp"),
-    ("kp_udpv6_recvmsg{recv}", "kprobe", "udpv6_recvmsg", "udp"),
-    ("krp_udpv6_recvmsg", "kretprobe", "udpv6_recvmsg", "udp"),
+    ("kp_skb_consume_udp", "kprobe", "skb_consume_udp", "udp"),
 )
 
 GUESS_PROGRAMS = {
     "tracepoint": (("guess_sock_send_length", "raw_tracepoint", "sock_send_length"),),
     "kprobe": (("guess_udp_sendmsg", "kprobe", "udp_sendmsg"),
-               ("guess_tcp_sendmsg", "kprobe", "tcp_sendmsg")),
+               ("guess_tcp_sendmsg", "kprobe", "tcp_sendmsg"),
+               ("guess_skb_consume_udp", "kprobe", "skb_consume_udp")),
 }
 
 
@@ -165,19 +175,32 @@ def _wanted(need, tcp, udp):
     return need == "both" and (tcp or udp) or (need == "tcp" and tcp) or (need == "udp" and udp)
 
 
-def plan(backend, tcp=True, udp=True, symbols=None, version=None):
+def retransmit_variant():
+    """"_err" when tcp:tcp_retransmit_skb carries err (6.13+: it then also
+    fires for retransmits that failed before the kernel counted them)."""
+    try:
+        return "_err" if "err" in bpfsys.tracepoint_fields("tcp", "tcp_retransmit_skb") else ""
+    except OSError:
+        return ""
+
+
+def plan(backend, tcp=True, udp=True, symbols=None, version=None, err=None):
     """[(program, kind, target)] the backend attaches on this kernel."""
     out = []
+    err = retransmit_variant() if err is None and tcp else (err or "")
     if backend == "tracepoint":
         for prog, kind, target, need in TRACEPOINT_PROGRAMS:
             if _wanted(need, tcp, udp):
-                out.append((prog, kind, target))
+                out.append((prog.format(err=err), kind, target))
         return out
     version = version or kernel_version()
     recv = "" if version >= (5, 19) else "_pre_5_19"
     symbols = symbols if symbols is not None else bpfsys.kallsyms_functions()
     for prog, kind, func, need in KPROBE_PROGRAMS:
         if not _wanted(need, tcp, udp):
+            continue
+        if kind == "raw_tracepoint":
+            out.append((prog.format(err=err), kind, func))
             continue
         optional = func.endswith("?")
         func = func.rstrip("?")
@@ -190,9 +213,11 @@ def plan(backend, tcp=True, udp=True, symbols=None, version=None):
     return out
 
 
-def attach(coll, prog, kind, target, kprobe_method="auto"):
+def attach(coll, prog, kind, target, kprobe_method="auto", cgroup=None):
     """Attach one program; returns the link."""
     p = coll.programs[prog]
+    if kind == "cgroup":
+        return bpfsys.attach_cgroup(p, target, cgroup)
     if kind == "raw_tracepoint":
         return bpfsys.attach_raw_tracepoint(p, target)
     if kind == "tracepoint":
@@ -222,16 +247,45 @@ def run_guess(coll, backend, ipv6=True, kprobe_method="auto"):
     try:
         for prog, kind, target in GUESS_PROGRAMS[backend]:
             links.append(attach(coll, prog, kind, target, kprobe_method))
-        return offsetguess.guess(coll.maps, want_protocol=(backend == "tracepoint"), ipv6=ipv6)
+        return offsetguess.guess(coll.maps, want_protocol=(backend == "tracepoint"), ipv6=ipv6,
+                                 want_skb=(backend == "kprobe"))
     finally:
         for l in links:
             l.close()
 
 
-def attach_all(coll, backend, programs, kprobe_method="auto"):
+def _attach_cgroup_hooks(coll, programs, links, notes):
+    """The cgroup sock_addr hooks on the cgroup2 root; where that cannot be
+    done, the syscall tracepoints that do the same job (notes says why)."""
+    if not programs:
+        return
+    first = len(links)
+    try:
+        root = bpfsys.Cgroup2Root()
+        try:
+            for prog, kind, target in programs:
+                links.append(attach(coll, prog, kind, target, cgroup=root))
+        finally:
+            if root.refs == 0:
+                root.release()
+        return
+    except (bpfsys.BPFError, OSError) as e:
+        for l in links[first:]:
+            l.close()
+        del links[first:]
+        notes.append("UDP message addresses from syscall tracepoints (every syscall pays while "
+                     "tracing): the cgroup hooks could not be attached (%s)" % e)
+    fill_tp_fields(coll.maps["tp_fields"], set(tuple(t.split("/", 1)) for _, _, t in SYSCALL_FALLBACK))
+    for prog, kind, target in SYSCALL_FALLBACK:
+        links.append(attach(coll, prog, kind, target))
+
+
+def attach_all(coll, backend, programs, kprobe_method="auto", notes=None):
     """Attach the planned programs; on any failure detach what was attached
-    and raise.  Returns the links."""
+    and raise.  Returns the links; notes (a list) gets what was done
+    differently from the plan and why."""
     links = []
+    notes = notes if notes is not None else []
     try:
         if backend == "tracepoint":
             events = set()
@@ -240,7 +294,10 @@ def attach_all(coll, backend, programs, kprobe_method="auto"):
                     events.add(tuple(target.split("/", 1)))
             events |= set((c, e) for p, (alt, t) in PERF_FALLBACK.items() for c, e in [t.split("/")])
             fill_tp_fields(coll.maps["tp_fields"], events)
+        _attach_cgroup_hooks(coll, [p for p in programs if p[1] == "cgroup"], links, notes)
         for prog, kind, target in programs:
+            if kind == "cgroup":
+                continue
             try:
                 links.append(attach(coll, prog, kind, target, kprobe_method))
             except bpfsys.BPFError as e:

@@ -32,6 +32,7 @@ BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_MAP_DELETE_BATCH = 27
+BPF_LINK_CREATE = 28
 
 CMD_NAMES = {
     BPF_MAP_CREATE: "BPF_MAP_CREATE", BPF_MAP_LOOKUP_ELEM: "BPF_MAP_LOOKUP_ELEM",
@@ -56,6 +57,15 @@ BPF_PROG_TYPE_SOCKET_FILTER = 1
 BPF_PROG_TYPE_KPROBE = 2
 BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+# expected_attach_type / attach_type of the cgroup sock_addr hooks
+BPF_CGROUP_UDP4_SENDMSG = 14
+BPF_CGROUP_UDP6_SENDMSG = 15
+BPF_CGROUP_UDP4_RECVMSG = 19
+BPF_CGROUP_UDP6_RECVMSG = 20
+CGROUP_ATTACH_TYPES = {"sendmsg4": BPF_CGROUP_UDP4_SENDMSG, "sendmsg6": BPF_CGROUP_UDP6_SENDMSG,
+                       "recvmsg4": BPF_CGROUP_UDP4_RECVMSG, "recvmsg6": BPF_CGROUP_UDP6_RECVMSG}
 
 BPF_PSEUDO_MAP_FD = 1
 
@@ -365,11 +375,14 @@ def _kname(name):
 class Program(KernelObject):
     """A loaded BPF program."""
 
-    def __init__(self, prog_type, insns, license="GPL", name="", kern_version=0):
+    def __init__(self, prog_type, insns, license="GPL", name="", kern_version=0,
+                 expected_attach_type=0):
         raise_memlock_limit()
         self.name = name
         self.prog_type = prog_type
-        self.fd = self._load(prog_type, insns, license, name, kern_version, None)
+        self.expected_attach_type = expected_attach_type
+        self.fd = self._load(prog_type, insns, license, name, kern_version, None,
+                             expected_attach_type)
 
     def stats(self):
         """{run_cnt, run_time_ns (0 unless kernel.bpf_stats_enabled),
@@ -384,13 +397,15 @@ class Program(KernelObject):
         }
 
     @staticmethod
-    def _load(prog_type, insns, license, name, kern_version, log):
+    def _load(prog_type, insns, license, name, kern_version, log, expected_attach_type=0):
         insn_buf = _buf(len(insns))
         insn_buf.raw = insns
         lic = ctypes.create_string_buffer(license.encode())
         log_level, log_size = (1, len(log)) if log is not None else (0, 0)
-        attr = _attr("IIQQIIQII16s", prog_type, len(insns) // 8, _addr(insn_buf), _addr(lic),
-                     log_level, log_size, _addr(log), kern_version, 0, _kname(name))
+        # ..., prog_flags, prog_name, prog_ifindex, expected_attach_type
+        attr = _attr("IIQQIIQII16sII", prog_type, len(insns) // 8, _addr(insn_buf), _addr(lic),
+                     log_level, log_size, _addr(log), kern_version, 0, _kname(name), 0,
+                     expected_attach_type)
         what = "bpf(BPF_PROG_LOAD) for program '%s'" % name
         try:
             return bpf(BPF_PROG_LOAD, attr, what)
@@ -400,7 +415,7 @@ class Program(KernelObject):
             if e.errno in (errno.EACCES, errno.EINVAL, errno.E2BIG, errno.ENOSPC):
                 # load again with the verifier log on, to say why
                 return Program._load(prog_type, insns, license, name, kern_version,
-                                     _buf(4 << 20))
+                                     _buf(4 << 20), expected_attach_type)
             raise
 
 
@@ -462,6 +477,93 @@ class RawTracepointLink(KernelObject):
         self.fd = bpf(BPF_RAW_TRACEPOINT_OPEN, attr,
                       "bpf(BPF_RAW_TRACEPOINT_OPEN) for '%s' (program '%s')" % (name, prog.name))
         self.what = "raw_tracepoint/" + name
+
+
+class CgroupLink(KernelObject):
+    """A cgroup program attached with BPF_LINK_CREATE (5.7+): detached when
+    the link fd closes, by close() or by the process's end, so a killed
+    tracer leaves nothing attached.  Owns a cgroup2 mount it made."""
+
+    def __init__(self, prog, hook, cgroup):
+        self.cgroup = cgroup
+        self.what = "cgroup/%s on %s" % (hook, cgroup.path)
+        try:
+            attr = _attr("IIII", prog.fd, cgroup.fd, CGROUP_ATTACH_TYPES[hook], 0)
+            self.fd = bpf(BPF_LINK_CREATE, attr, "bpf(BPF_LINK_CREATE) for %s (program '%s')"
+                          % (self.what, prog.name))
+        except Exception:
+            self.close()
+            raise
+
+    def close(self):
+        KernelObject.close(self)
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup is not None:
+            cgroup.release()
+
+
+class Cgroup2Root(object):
+    """An open fd of the cgroup2 hierarchy's root: the machine's, where
+    mounted; else a private mount made for us (unmounted when the last link
+    using it closes).  Programs attached to the root run for every process."""
+
+    def __init__(self):
+        self.refs = 0
+        self.mounted = None
+        self.path = _cgroup2_mount()
+        if self.path is None:
+            path = "/run/tracer-bpf-cgroup2-%d" % os.getpid()
+            os.makedirs(path, exist_ok=True)
+            if _libc.mount(b"none", path.encode(), b"cgroup2", 0, None) != 0:
+                err = ctypes.get_errno()
+                os.rmdir(path)
+                raise OSError(err, "no cgroup2 hierarchy, and mounting one on %s failed: %s"
+                              % (path, os.strerror(err)))
+            self.path = self.mounted = path
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self._unmount()
+            raise
+
+    def acquire(self):
+        self.refs += 1
+        return self
+
+    def release(self):
+        self.refs -= 1
+        if self.refs <= 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self._unmount()
+
+    def _unmount(self):
+        if self.mounted:
+            _libc.umount2(self.mounted.encode(), 2)  # MNT_DETACH
+            try:
+                os.rmdir(self.mounted)
+            except OSError:
+                pass
+            self.mounted = None
+
+
+def _cgroup2_mount():
+    """Where the cgroup2 hierarchy is mounted at its root, or None."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                if parts[sep + 1] == "cgroup2" and parts[3] == "/":
+                    return parts[4]
+    except (IOError, OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def attach_cgroup(prog, hook, cgroup):
+    """Attach a cgroup sock_addr program (hook: sendmsg4, recvmsg6, ...)."""
+    return CgroupLink(prog, hook, cgroup.acquire())
 
 
 # --- tracefs -------------------------------------------------------------------

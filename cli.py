@@ -76,8 +76,9 @@ output (--json): one JSON object per line on stdout.  After each interval,
   one {"type": "conn", ...} per connection active in it (fields: time,
   proto, family, pid, comm, laddr, lport, raddr, rport, netns, sent_bytes,
   recv_bytes, sent_delta, recv_delta, retransmits, state, direction), then
-  one {"type": "telemetry", ...} (tracked, lost, conn_lost, sock_lost,
-  stash_lost, dirty_lost, missed, tuple_checked, tuple_mismatch,
+  one {"type": "telemetry", ...} (tracked, lost, conn_lost, closed_lost,
+  udp_lost, bytes_lost, stash_lost, shared_overflow, dirty_lost, missed,
+  tuple_checked, tuple_mismatch,
   poll_seconds, ..., plus "interval": its 1-based number,
   "records": conn records printed, "final": true on the last).  A line
   "tracer: tracing ..." on stderr says when tracing has started.
@@ -166,7 +167,11 @@ def parser():
     p.add_argument("--tcp-idle", type=_positive_float, default=600.0, metavar="SECONDS",
                    help="forget a TCP connection never seen closing, idle this long (default 600)")
     p.add_argument("--max-conns", type=_positive_int, metavar="N",
-                   help="size of the kernel's connection table (default: the object's)")
+                   help="capacity of the kernel's tables (default 65536): N live TCP "
+                        "sockets, and N other records (UDP flows, TCP connections ended since "
+                        "the last poll, other processes' use of a shared socket); what does "
+                        "not fit is counted in telemetry (conn_lost, closed_lost, udp_lost, "
+                        "bytes_lost), never dropped silently")
     p.add_argument("--check", action="store_true",
                    help="report the kernel, backends, hooks and guessed offsets; exit 0 if "
                         "tracing works, else 1")
@@ -448,7 +453,7 @@ def check(args):
             rep["backend"], rep["backend_reason"] = tr.backend, tr.backend_reason
             rep["hooks"] = [{"program": p, "kind": k, "target": t} for p, k, t in tr.plan]
             rep["offsets"] = tr.offsets.as_dict()
-            rep["offset_notes"] = list(tr.offsets.notes)
+            rep["offset_notes"] = list(tr.offsets.notes) + list(tr.attach_notes)
             rep["offset_rounds"] = tr.offsets.rounds
             rep["guess_seconds"] = round(tr.offsets.seconds, 4)
             rep["startup_seconds"] = round(tr.ready_seconds, 4)

@@ -16,20 +16,28 @@ import time
 
 import bpfsys
 
-# struct conn_tuple in tracer.bpf.h
-CONN_TUPLE = struct.Struct("<16s16sIIHHBBH")
+# struct conn_tuple in tracer.bpf.h (the record's name: one life of one
+# connection of one process)
+CONN_TUPLE = struct.Struct("<16s16sIIHHBBHI")
 # struct conn_stats in tracer.bpf.h
-CONN_STATS = struct.Struct("<QQQQIBBH16sII")
-# struct sock_info in tracer.bpf.h (the tuple first)
+CONN_STATS = struct.Struct("<QQQQIBBBB16sII")
+# struct sock_info in tracer.bpf.h: the owner's tuple, has_tuple, the
+# owner's stats, the other processes
+SOCK_INFO = struct.Struct("<%dsI%ds12sI" % (CONN_TUPLE.size, CONN_STATS.size))
 SOCK_INFO_TUPLE = slice(0, CONN_TUPLE.size)
+SOCK_INFO_STATS = slice(CONN_TUPLE.size + 4, CONN_TUPLE.size + 4 + CONN_STATS.size)
+_HAS_TUPLE = struct.Struct("<I")
+_PID_OFFSET = 36          # conn_tuple.pid
+_PROTO_OFFSET = 45        # conn_tuple.proto
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
 DIRECTIONS = {0: "unknown", 1: "outgoing", 2: "incoming"}
 STATE_CLOSED = 2
 
 # the telemetry map's slots (TELE_* in tracer.bpf.h)
-TELEMETRY_NAMES = ("conn_lost", "sock_lost", "stash_lost", "tuple_mismatch", "tuple_checked",
-                   "read_faults", "pending_lost", "dirty_lost")
+TELEMETRY_NAMES = ("conn_lost", "closed_lost", "stash_lost", "tuple_mismatch", "tuple_checked",
+                   "read_faults", "pending_lost", "dirty_lost", "bytes_lost", "udp_lost",
+                   "shared_overflow")
 
 FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "raddr", "rport",
           "netns", "sent_bytes", "recv_bytes", "sent_delta", "recv_delta", "retransmits",
@@ -51,7 +59,7 @@ class Conn(object):
 
 
 def decode_tuple(key):
-    saddr, daddr, netns, pid, sport, dport, family, proto, _ = CONN_TUPLE.unpack(key)
+    saddr, daddr, netns, pid, sport, dport, family, proto, _, _ = CONN_TUPLE.unpack(key)
     if family == 4:
         laddr = socket.inet_ntop(socket.AF_INET, saddr[:4])
         raddr = socket.inet_ntop(socket.AF_INET, daddr[:4])
@@ -68,13 +76,28 @@ def monotonic_ns():
 
 _LAST_NS = struct.Struct("<Q")
 _LAST_NS_OFFSET = 24  # conn_stats.last_ns
+_STATE_OFFSET = 37    # conn_stats.state
+
+
+def sock_record(value):
+    """(key, stats) of a socks entry's owner record, or None while it has
+    no tuple or no owner yet."""
+    if not _HAS_TUPLE.unpack_from(value, CONN_TUPLE.size)[0]:
+        return None
+    key = value[SOCK_INFO_TUPLE]
+    if not key[_PID_OFFSET:_PID_OFFSET + 4].strip(b"\0"):
+        return None
+    return key, value[SOCK_INFO_STATS]
 
 
 class ConnTable(object):
-    """Polls the conns map.  With a dirty map (keys the kernel changed since
-    the poll generation began) a poll reads only what changed; every
-    full_every seconds, or when the dirty set could not keep up, it reads
-    the whole table (which also expires idle entries)."""
+    """Polls the records of the conns map (UDP flows, ended TCP lives, other
+    processes' use of a shared socket) and of the socks map (each TCP
+    socket's current life, its owner's counters).  With a dirty map (the
+    records the kernel changed since the poll generation began, and where
+    each lives) a poll reads only what changed; every full_every seconds,
+    or when the dirty set could not keep up, it reads both tables whole
+    (which also expires idle entries)."""
 
     def __init__(self, conns, socks, udp_idle=30.0, tcp_idle=600.0, dirty=None, set_gen=None):
         self.conns = conns
@@ -87,9 +110,10 @@ class ConnTable(object):
         # expiry needs every entry's last_ns: a full read only now and then
         self.full_every_ns = max(int(min(udp_idle, tcp_idle) * 1e9 / 4), 1)
         self.next_full_ns = 0
-        self.drained_prev = set()
+        self.drained_prev = {}
         self.dirty_lost = 0
         self.prev = {}        # key -> raw conn_stats bytes at the previous poll
+        self.where = {}       # key -> struct sock address (socks records only)
         self.decoded = {}     # key -> decoded tuple (cache)
         self.last_poll_seconds = 0.0
         self.last_poll_full = True
@@ -97,22 +121,51 @@ class ConnTable(object):
         self.expired = 0
 
     def _next_generation(self, dirty_lost):
-        """Start a new generation, then drain the keys marked in the old one.
-        The keys drained by the previous poll are read again: an update that
-        raced with that drain saw the old generation and did not mark."""
+        """Start a new generation, then drain the records marked in the old
+        one.  The records drained by the previous poll are read again: an
+        update that raced with that drain saw the old generation and did
+        not mark."""
         self.gen = (self.gen + 1) & 0xFFFFFFFF
         self.set_gen(self.gen)
         try:
-            drained = set(self.dirty.read_batch(delete=True)[0])
+            keys, values = self.dirty.read_batch(delete=True)
         except bpfsys.BPFError:
             self.dirty = None  # no LOOKUP_AND_DELETE_BATCH (before 5.6): full reads
             return None
-        look = drained | self.drained_prev
+        drained = dict(zip(keys, (int.from_bytes(v, "little") for v in values)))
+        look = dict(self.drained_prev)
+        look.update(drained)
         self.drained_prev = drained
         if dirty_lost != self.dirty_lost:  # the dirty map was full: read everything
             self.dirty_lost = dirty_lost
             return None
         return look
+
+    def _read_all(self):
+        """{key: stats} of every record, and {key: sk} of those in socks."""
+        keys, values = self.conns.read_all()
+        cur = dict(zip(keys, values))
+        where = {}
+        skeys, svalues = self.socks.read_all()
+        for sk, v in zip(skeys, svalues):
+            rec = sock_record(v)
+            if rec is not None:
+                cur[rec[0]] = rec[1]
+                where[rec[0]] = int.from_bytes(sk, "little")
+        return cur, where
+
+    def _lookup(self, key, sk):
+        """(stats, sk or 0) of one record, wherever it is now; None if gone."""
+        if sk:
+            v = self.socks.lookup(sk.to_bytes(8, "little"))
+            if v is not None:
+                rec = sock_record(v)
+                if rec is not None and rec[0] == key:
+                    return rec[1], sk
+        v = self.conns.lookup(key)
+        if v is not None:
+            return v, 0
+        return None
 
     def poll(self, include=None, dirty_lost=0):
         """Connections active since the previous poll (include: a filter
@@ -125,34 +178,39 @@ class ConnTable(object):
         full = look is None or now_ns >= self.next_full_ns or len(look) > max(1024, len(self.prev) // 4)
         prev = self.prev
         if full:
-            keys, values = self.conns.read_all()
-            cur = dict(zip(keys, values))
+            cur, where = self._read_all()
+            keys, values = list(cur.keys()), list(cur.values())
             self.next_full_ns = now_ns + self.full_every_ns
         else:
             keys, values = [], []
-            for k in look:
-                v = self.conns.lookup(k)
-                if v is not None:
-                    keys.append(k)
-                    values.append(v)
-            cur = prev
+            cur, where = prev, self.where
+            for k, sk in look.items():
+                got = self._lookup(k, sk or where.get(k, 0))
+                if got is None:
+                    continue
+                keys.append(k)
+                values.append(got[0])
+                if got[1]:
+                    where[k] = got[1]
+                else:
+                    where.pop(k, None)
+        # records in conns that ended: reported (if changed), then deleted
+        gone = [k for k, v in zip(keys, values)
+                if k not in where and v[_STATE_OFFSET] == STATE_CLOSED]
         # compared in C (map/compress): unchanged entries cost next to nothing
         changed = list(itertools.compress(zip(keys, values),
                                           map(operator.ne, values, map(prev.get, keys))))
         out = []
-        gone = []
         for key, value in changed:
-            sent, recv, first_ns, last_ns, retr, direction, state, _, comm, _, _ = CONN_STATS.unpack(value)
+            sent, recv, first_ns, last_ns, retr, direction, state, _, _, comm, _, _ = CONN_STATS.unpack(value)
             old = prev.get(key)
             if old is not None:
-                o_sent, o_recv, _, _, o_retr, _, o_state, _, _, _, _ = CONN_STATS.unpack(old)
+                o_sent, o_recv, _, _, o_retr, _, o_state, _, _, _, _, _ = CONN_STATS.unpack(old)
                 if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state):
                     continue
             else:
                 o_sent = o_recv = o_retr = 0
             closed = state == STATE_CLOSED
-            if closed:
-                gone.append(key)
             tup = self.decoded.get(key)
             if tup is None:
                 tup = self.decoded[key] = decode_tuple(key)
@@ -174,34 +232,37 @@ class ConnTable(object):
             cur.update(changed)
         out.sort(key=lambda c: c.key)
         if full:
-            gone.extend(self._idle(cur, now_ns))
+            gone.extend(self._idle(cur, where, now_ns))
         if gone:
             self.conns.delete_keys(gone)
-            for key in gone:
-                cur.pop(key, None)
-                self.decoded.pop(key, None)
+        for key in gone:
+            cur.pop(key, None)
+            self.decoded.pop(key, None)
         if full and len(self.decoded) > len(cur):
             for key in self.decoded.keys() - cur.keys():
                 del self.decoded[key]
         self.prev = cur
+        self.where = where
         self.tracked = len(cur)
         self.last_poll_full = full
         self.last_poll_seconds = time.time() - start
         return out
 
-    def _idle(self, cur, now_ns):
-        """Keys of entries idle past their protocol's limit; drops the socks
-        entries of expired TCP connections."""
+    def _idle(self, cur, where, now_ns):
+        """Keys of the conns records idle past their protocol's limit; idle
+        socks records are deleted here (and dropped from cur)."""
         udp_before, tcp_before = now_ns - self.udp_idle_ns, now_ns - self.tcp_idle_ns
         unpack = _LAST_NS.unpack_from
         idle = []
         for key, value in cur.items():
             last = unpack(value, _LAST_NS_OFFSET)[0]
-            if last < (tcp_before if key[45] == 6 else udp_before):  # conn_tuple.proto
+            if last < (tcp_before if key[_PROTO_OFFSET] == 6 else udp_before):
                 idle.append(key)
-        tcp = set(k for k in idle if k[45] == 6)
-        if tcp:
-            stale = [k for k, v in self.socks.items() if v[SOCK_INFO_TUPLE] in tcp]
-            self.socks.delete_keys(stale)
         self.expired += len(idle)
-        return idle
+        socks = [k for k in idle if k in where]
+        if socks:
+            self.socks.delete_keys([where.pop(k).to_bytes(8, "little") for k in socks])
+            for k in socks:
+                cur.pop(k, None)
+                self.decoded.pop(k, None)
+        return [k for k in idle if k in cur]

@@ -33,6 +33,7 @@ SECTION_KINDS = (
     ("tracepoint/", bpfsys.BPF_PROG_TYPE_TRACEPOINT, "tracepoint"),
     ("raw_tracepoint/", bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, "raw_tracepoint"),
     ("socket", bpfsys.BPF_PROG_TYPE_SOCKET_FILTER, "socket"),
+    ("cgroup/", bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, "cgroup"),
 )
 
 
@@ -107,7 +108,8 @@ class ObjectSpec(object):
             insns[off + 1] = (insns[off + 1] & 0x0F) | (bpfsys.BPF_PSEUDO_MAP_FD << 4)
             struct.pack_into("<i", insns, off + 4, maps[map_name].fd)
         return bpfsys.Program(spec.prog_type, bytes(insns), self.license, spec.name,
-                              self.kern_version)
+                              self.kern_version,
+                              bpfsys.CGROUP_ATTACH_TYPES.get(spec.target, 0) if spec.kind == "cgroup" else 0)
 
 
 class Collection(object):
@@ -226,6 +228,9 @@ def parse(data, path="<bytes>"):
             raise bad("section %r holds code of an unknown program type" % n)
         prefix, prog_type, kname = kind
         target = n[len(prefix):]
+        if kname == "cgroup" and target not in bpfsys.CGROUP_ATTACH_TYPES:
+            raise bad("section %r: unknown cgroup hook %r (known: %s)" % (
+                n, target, ", ".join(sorted(bpfsys.CGROUP_ATTACH_TYPES))))
         code = body(i)
         funcs = sorted((v, s, sn) for (sn, t, sh, v, s) in symbols if sh == i and t == STT_FUNC)
         if not funcs:

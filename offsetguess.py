@@ -24,11 +24,14 @@ import time
 import bpfsys
 
 # struct offsets in tracer.bpf.h
-OFFSETS = struct.Struct("<14I")
+OFFSETS = struct.Struct("<18I")
 OFFSET_FIELDS = ("ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state",
-                 "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "gen")
+                 "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "gen",
+                 "task_comm", "task_leader", "skb_data", "_pad")
 # struct guess_req in tracer.bpf.h
-GUESS_REQ = struct.Struct("<QII")
+GUESS_REQ = struct.Struct("<QIIII")
+GUESS_SOCK, GUESS_TASK, GUESS_TASK_AT, GUESS_SKB_AT = 0, 1, 2, 3  # guess_req.mode
+GUESS_SKB_BEFORE = 128
 # struct guess_dump in tracer.bpf.h: header, then the sk and net bytes
 GUESS_DUMP_HEAD = struct.Struct("<IIIIQ")
 GUESS_SK_BYTES = 2048
@@ -74,14 +77,23 @@ class _Prober(object):
         self.rounds = 0
         self.pid_tgid = (os.getpid() << 32) | bpfsys.gettid()
 
-    def probe(self, sock, net_off=0):
+    def probe(self, sock, net_off=0, mode=GUESS_SOCK, pid_tgid=None):
+        """(first area, second area, dumped address) of what the guess
+        program saw when this thread (or thread pid_tgid) sent on sock."""
+        def send():
+            try:
+                sock.send(b"g")
+            except OSError:
+                pass  # the hook fired before any error; the dump tells
+        return self.probe_with(send, net_off, mode, pid_tgid)
+
+    def probe_with(self, action, net_off=0, mode=GUESS_SOCK, pid_tgid=None):
+        """The same, for whatever action() makes the hooked function run."""
         self.seq += 1
         self.rounds += 1
-        self.req.update(b"\0\0\0\0", GUESS_REQ.pack(self.pid_tgid, net_off, self.seq))
-        try:
-            sock.send(b"g")
-        except OSError:
-            pass  # the hook fired before any error; the dump tells
+        self.req.update(b"\0\0\0\0", GUESS_REQ.pack(pid_tgid or self.pid_tgid, net_off, self.seq,
+                                                     mode, 0))
+        action()
         raw = self.dump.lookup(b"\0\0\0\0")
         seq, sk_ok, net_ok, _, sk = GUESS_DUMP_HEAD.unpack_from(raw)
         if seq != self.seq:
@@ -89,10 +101,10 @@ class _Prober(object):
         base = GUESS_DUMP_HEAD.size
         sk_bytes = _valid(raw[base:base + GUESS_SK_BYTES], sk_ok)
         net_bytes = _valid(raw[base + GUESS_SK_BYTES:base + GUESS_SK_BYTES + GUESS_NET_BYTES], net_ok)
-        return sk_bytes, net_bytes
+        return sk_bytes, net_bytes, sk
 
     def stop(self):
-        self.req.update(b"\0\0\0\0", GUESS_REQ.pack(0, 0, 0))
+        self.req.update(b"\0\0\0\0", GUESS_REQ.pack(0, 0, 0, 0, 0))
 
 
 def _valid(data, okmask, chunk=512):
@@ -275,7 +287,119 @@ def _guess_net(prober, sk_dump, lowest):
                      % (inum, tried))
 
 
-def guess(maps, want_protocol=True, ipv6=True):
+def _probe_sock():
+    return _udp_pair(socket.AF_INET, ("127.0.0.1", 0), ("127.0.0.1", random.randint(20000, 60000)))
+
+
+def _task_dump(prober, mode=GUESS_TASK, at=0, pid_tgid=None):
+    """(4096 bytes of a task_struct, its address) or None."""
+    s = _probe_sock()
+    try:
+        got = prober.probe(s, net_off=at, mode=mode, pid_tgid=pid_tgid)
+    finally:
+        s.close()
+    if got is None or len(got[0]) < GUESS_SK_BYTES:
+        return None
+    return got[0] + got[1], got[2]
+
+
+def _set_thread_name(name):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+
+
+def _guess_task(prober):
+    """struct task_struct's comm and group_leader: a thread of ours with a
+    random name is dumped, its name found in the bytes (comm); among the
+    pointer slots it shares with this thread, group_leader is the one that
+    points to a task named like our process whose own slot points to
+    itself (a thread group leader leads itself)."""
+    import threading
+    name = ("tg%x" % random.getrandbits(48)).encode()[:15]
+    out = {}
+
+    def run():
+        try:
+            _set_thread_name(name)
+            out["dump"] = _task_dump(prober, pid_tgid=(os.getpid() << 32) | bpfsys.gettid())
+        except Exception as e:  # reported below
+            out["error"] = e
+
+    why = "no dump of a thread of ours"
+    for _ in range(3):
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        theirs = out.pop("dump", None)
+        mine = _task_dump(prober)
+        if theirs is None or mine is None:
+            continue
+        theirs = theirs[0]
+        comm = _find_all(theirs, name.ljust(16, b"\0"), 8)
+        if len(comm) != 1:
+            why = "the thread's name found %d times" % len(comm)
+            continue
+        with open("/proc/%d/comm" % os.getpid(), "rb") as f:
+            main_name = f.read().rstrip(b"\n")[:15]
+        tried = 0
+        shared = [off for off in range(0, len(theirs) - 8, 8)
+                  if theirs[off:off + 8] == mine[0][off:off + 8]
+                  and struct.unpack_from("<Q", theirs, off)[0] >= 0xffff800000000000]
+        # called from the main thread, group_leader points at this very task: try those first
+        shared.sort(key=lambda off: struct.unpack_from("<Q", theirs, off)[0] != mine[1])
+        for off in shared:
+            tried += 1
+            got = _task_dump(prober, GUESS_TASK_AT, off)
+            if got is None:
+                continue
+            leader, leader_addr = got
+            if leader[off:off + 8] == struct.pack("<Q", leader_addr) and \
+                    leader[comm[0]:comm[0] + 16].split(b"\0")[0] == main_name:
+                return comm[0], off
+        why = "comm at %d; no group_leader among %d shared pointers (main thread %r)" % (
+            comm[0], tried, main_name)
+    raise GuessError("process names: could not find comm and group_leader in struct task_struct "
+                     "(%s)" % (out.get("error") or why))
+
+
+def _guess_skb_data(prober):
+    """struct sk_buff's data pointer, seen in skb_consume_udp(): the slot
+    pointing at the payload of a datagram we sent ourselves, with our UDP
+    header (source port) right before it."""
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        b.settimeout(1.0)
+        payload = os.urandom(32)
+
+        def exchange():
+            a.sendto(payload, b.getsockname())
+            b.recv(64)
+        got = prober.probe_with(exchange)
+        if got is None:
+            raise GuessError("skb data: the guess program saw no datagram of ours in skb_consume_udp")
+        skb = got[0]
+        sport = struct.pack(">H", a.getsockname()[1])
+        for off in range(0, min(len(skb), 256), 8):
+            if struct.unpack_from("<Q", skb, off)[0] < 0xffff800000000000:
+                continue
+            got = prober.probe_with(exchange, off, GUESS_SKB_AT)
+            if got is None:
+                continue
+            at = got[0]
+            if at[GUESS_SKB_BEFORE:GUESS_SKB_BEFORE + len(payload)] == payload and \
+                    at[GUESS_SKB_BEFORE - 8:GUESS_SKB_BEFORE - 6] == sport:
+                return off
+    finally:
+        a.close()
+        b.close()
+    raise GuessError("could not find the data pointer in struct sk_buff")
+
+
+def guess(maps, want_protocol=True, ipv6=True, want_skb=False):
     """Guess the offsets with the guess program already attached; returns
     Offsets.  maps: the object's live maps (guess_req, guess_dump)."""
     start = time.time()
@@ -312,6 +436,12 @@ def guess(maps, want_protocol=True, ipv6=True):
         if want_protocol:
             values["protocol"] = _guess_protocol(tcp, v4_dumps, values["family"])
         values["net"], values["netns_inum"] = _guess_net(prober, v4_dumps[0], values["family"] + 4)
+        if want_skb:
+            values["skb_data"] = _guess_skb_data(prober)
+        try:
+            values["task_comm"], values["task_leader"] = _guess_task(prober)
+        except GuessError as e:
+            notes.append("%s: records show the name of the thread that opened them" % e)
     finally:
         prober.stop()
     values["ready"] = 1

@@ -19,6 +19,7 @@
 /* BPF ABI numbers (include/uapi/linux/bpf.h). */
 #define BPF_MAP_TYPE_HASH 1
 #define BPF_MAP_TYPE_ARRAY 2
+#define BPF_MAP_TYPE_LRU_HASH 9
 #define BPF_ANY 0
 #define BPF_NOEXIST 1
 
@@ -27,6 +28,7 @@ static long (*bpf_map_update_elem)(void *map, const void *key, const void *value
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
 static __u64 (*bpf_get_current_pid_tgid)(void) = (void *)14;
+static __u64 (*bpf_get_current_task)(void) = (void *)35;
 static long (*bpf_get_current_comm)(void *buf, __u32 size) = (void *)16;
 static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *src) = (void *)112;
 static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *src) = (void *)113;
@@ -45,10 +47,19 @@ struct bpf_map_def {
 
 MAP(conns, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(struct conn_stats), 65536);
 MAP(socks, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct sock_info), 65536);
-MAP(stash, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct stash), 16384);
-/* Keys of conns entries changed since the poll generation began: the poll
- * drains it, so a poll costs what changed, not the table size. */
-MAP(dirty, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(__u32), 65536);
+/* per-thread state of one syscall: LRU, so an entry a syscall left behind
+ * (a kretprobe missed, a send that failed before the hook) never blocks
+ * another thread */
+MAP(stash, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct stash), 16384);
+/* Records changed since the poll generation began, with where they live
+ * (value: the struct sock address of a socks entry, 0 for conns): the
+ * poll drains it, so a poll costs what changed, not the table size. */
+MAP(dirty, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(__u64), 65536);
+/* sockets whose life could not be tracked (socks map full): never adopted
+ * later with partial counts */
+MAP(lost_socks, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(__u32), 16384);
+/* index 0: the last connection life number handed out */
+MAP(life_seq, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u64), 1);
 MAP(offsets, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(struct offsets), 1);
 MAP(telemetry, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u64), TELE_MAX);
 MAP(tp_fields, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u32), TPF_MAX);
@@ -67,6 +78,7 @@ __u32 _version SEC("version") = 0xFFFFFFFE; /* ignored by kernels >= 5.0 */
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_FIN_WAIT1 4
+#define TCP_SYN_RECV 3
 #define TCP_CLOSE 7
 #define TCP_LAST_ACK 9
 
@@ -77,6 +89,7 @@ struct pt_regs {
 };
 #define PARM1(x) ((x)->di)
 #define PARM2(x) ((x)->si)
+#define PARM3(x) ((x)->dx)
 #define PARM4(x) ((x)->cx)
 #define PARM5(x) ((x)->r8)
 #define RC(x) ((x)->ax)
@@ -105,10 +118,32 @@ INLINE struct offsets *ready_offsets(void)
 	return o;
 }
 
+INLINE void tele_addn(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&telemetry, &idx);
+	if (v)
+		__sync_fetch_and_add(v, n);
+}
+
 INLINE void kread(void *dst, __u32 size, const void *src)
 {
 	if (bpf_probe_read_kernel(dst, size, src))
 		tele_add(TELE_READ_FAULT);
+}
+
+/* The process's name: its main thread's comm, when the task_struct offsets
+ * were found; else the current thread's. */
+INLINE void process_comm(char *buf, struct offsets *o)
+{
+	unsigned long task, leader = 0;
+
+	if (o->task_comm && o->task_leader) {
+		task = bpf_get_current_task();
+		if (!bpf_probe_read_kernel(&leader, sizeof(leader), (void *)(task + o->task_leader)) && leader &&
+		    !bpf_probe_read_kernel(buf, 16, (void *)(leader + o->task_comm)))
+			return;
+	}
+	bpf_get_current_comm(buf, 16);
 }
 
 /* Read a field of a perf tracepoint record at the offset user space found in
@@ -206,22 +241,34 @@ INLINE __u16 read_protocol(const void *sk, struct offsets *o)
 	return proto;
 }
 
-/* Put t in the dirty set, once per poll generation. */
-INLINE void mark_dirty(const struct conn_tuple *t, struct conn_stats *s, struct offsets *o)
+/* Put t in the dirty set, once per poll generation.  where: the struct
+ * sock address when the record lives in socks, 0 when in conns. */
+INLINE void mark_dirty(const struct conn_tuple *t, struct conn_stats *s, struct offsets *o, __u64 where)
 {
 	__u32 gen = o->gen;
 
 	if (s->gen == gen)
 		return;
 	s->gen = gen;
-	if (bpf_map_update_elem(&dirty, t, &gen, BPF_ANY))
+	if (bpf_map_update_elem(&dirty, t, &where, BPF_ANY))
 		tele_add(TELE_DIRTY_LOST);
 }
 
-/* Find or create the conns entry of a tuple.  comm: the owner's name when
- * known (NULL: the current task's). */
-INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, const char *comm,
-				    struct offsets *o)
+/* with_comm: the current process is the record's (else it is named when
+ * a process claims it) */
+INLINE void init_stats(struct conn_stats *s, __u8 dir, int with_comm, struct offsets *o)
+{
+	s->first_ns = s->last_ns = bpf_ktime_get_ns();
+	s->gen = o->gen - 1; /* not yet marked in this generation */
+	s->direction = dir;
+	s->state = CONN_OPEN;
+	if (with_comm)
+		process_comm(s->comm, o);
+}
+
+/* Find or create the conns entry of a tuple, named after the current
+ * process.  lost: the telemetry slot to count a full map in. */
+INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, struct offsets *o, __u32 lost)
 {
 	struct conn_stats *s = bpf_map_lookup_elem(&conns, t);
 	struct conn_stats fresh = {};
@@ -229,85 +276,228 @@ INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, const char *
 
 	if (s)
 		return s;
-	fresh.first_ns = fresh.last_ns = bpf_ktime_get_ns();
-	fresh.gen = o->gen;
-	fresh.direction = dir;
-	fresh.state = CONN_OPEN;
-	if (comm)
-		__builtin_memcpy(fresh.comm, comm, sizeof(fresh.comm));
-	else
-		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
+	init_stats(&fresh, dir, 1, o);
 	err = bpf_map_update_elem(&conns, t, &fresh, BPF_NOEXIST);
 	s = bpf_map_lookup_elem(&conns, t);
 	if (!s && err)
-		tele_add(TELE_CONN_LOST);
-	if (s && !err && bpf_map_update_elem(&dirty, t, &fresh.gen, BPF_ANY))
-		tele_add(TELE_DIRTY_LOST);
+		tele_add(lost);
 	return s;
 }
 
 INLINE void add_bytes(const struct conn_tuple *t, struct conn_stats *s, struct offsets *o,
-		      __u64 sent, __u64 recv)
+		      __u64 sent, __u64 recv, __u64 where)
 {
 	if (sent)
 		__sync_fetch_and_add(&s->sent_bytes, sent);
 	if (recv)
 		__sync_fetch_and_add(&s->recv_bytes, recv);
 	s->last_ns = bpf_ktime_get_ns();
-	s->state = CONN_OPEN;
-	mark_dirty(t, s, o);
+	mark_dirty(t, s, o, where);
 }
 
 /* ------------------------------------------------------------------ */
-/* TCP: socket ownership and state */
+/* TCP: one socks entry per socket life, from connect or passive open (or
+ * first use, for a socket opened before the tracer) until the kernel
+ * destroys the socket.  Its tuple is read once, while valid: after
+ * TCP_CLOSE the kernel has released the local port, yet a half-closed or
+ * reset socket can still be read. */
 
-/* Process context: the current process takes an incoming socket that no
- * process owned yet, or adopts one opened before the tracer started. */
-INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u8 dir_if_new)
+/* Life numbers only need to differ between lives of one 4-tuple, which
+ * never start at the same time: a plain increment will do (5.10 has no
+ * atomic fetch-and-add). */
+INLINE __u32 next_life(void)
+{
+	__u32 zero = 0;
+	__u64 *v = bpf_map_lookup_elem(&life_seq, &zero);
+	__u64 n;
+
+	if (!v)
+		return 0;
+	n = *v + 1;
+	*v = n;
+	return (__u32)n;
+}
+
+/* Mark the records of the other processes that used the socket closed. */
+INLINE void close_others(struct sock_info *si, struct offsets *o)
+{
+	struct conn_tuple t;
+	struct conn_stats *s;
+
+	__builtin_memcpy(&t, &si->tuple, sizeof(t));
+#pragma unroll
+	for (int i = 0; i < SOCK_OTHERS; i++) {
+		if (!si->others[i])
+			continue;
+		t.pid = si->others[i];
+		s = bpf_map_lookup_elem(&conns, &t);
+		if (s && s->state != CONN_CLOSED) {
+			s->state = CONN_CLOSED;
+			s->last_ns = bpf_ktime_get_ns();
+			mark_dirty(&t, s, o, 0);
+		}
+	}
+}
+
+INLINE void close_life(struct sock_info *si, struct offsets *o, __u64 key)
+{
+	if (si->stats.state == CONN_CLOSED)
+		return;
+	si->stats.state = CONN_CLOSED;
+	si->stats.last_ns = bpf_ktime_get_ns();
+	close_others(si, o);
+	if (si->has_tuple && si->tuple.pid)
+		mark_dirty(&si->tuple, &si->stats, o, key);
+}
+
+/* The socket's life is over (destroyed, or its memory holds a new one): its
+ * owner's record moves from socks to conns, where the poll finds it. */
+INLINE void end_life(__u64 key, struct sock_info *si, struct offsets *o)
+{
+	close_life(si, o, key);
+	if (si->has_tuple && si->tuple.pid) {
+		si->stats.gen = o->gen;
+		if (bpf_map_update_elem(&conns, &si->tuple, &si->stats, BPF_ANY))
+			tele_add(TELE_CLOSED_LOST);
+		else if (bpf_map_update_elem(&dirty, &si->tuple, &(__u64){0}, BPF_ANY))
+			tele_add(TELE_DIRTY_LOST);
+	}
+	bpf_map_delete_elem(&socks, &key);
+}
+
+/* Start a new life on sk: whatever entry was there ends first.  pid 0:
+ * owner not known yet (passive open: the first process to use it). */
+INLINE struct sock_info *new_life(const void *sk, struct offsets *o, __u32 pid, __u8 dir,
+				  int read_now, int seen_start)
 {
 	__u64 key = (__u64)sk;
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
+	struct sock_info fresh = {};
+
+	if (si)
+		end_life(key, si, o);
+	if (read_now) {
+		if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &fresh.tuple))
+			return 0;
+		fresh.has_tuple = 1;
+	} else {
+		fresh.tuple.pid = pid;
+	}
+	fresh.tuple.life = next_life();
+	init_stats(&fresh.stats, dir, pid != 0, o);
+	fresh.stats.seen_start = seen_start;
+	if (bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST)) {
+		tele_add(TELE_CONN_LOST);
+		bpf_map_update_elem(&lost_socks, &key, &fresh.tuple.life, BPF_ANY);
+		return 0;
+	}
+	si = bpf_map_lookup_elem(&socks, &key);
+	if (si && si->has_tuple && si->tuple.pid)
+		mark_dirty(&si->tuple, &si->stats, o, key);
+	return si;
+}
+
+INLINE int read_state(const void *sk, struct offsets *o)
+{
+	__u8 state = 0;
+	kread(&state, sizeof(state), sk + o->state);
+	return state;
+}
+
+/* Process context: the socks entry of sk, owned by the current process if
+ * nobody owned it yet.  A socket the tracer never saw start is adopted
+ * while its tuple is still valid. */
+INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u32 tgid, __u8 dir_if_new)
+{
+	__u64 key = (__u64)sk;
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 
 	if (!si) {
-		struct sock_info fresh = {};
-		if (read_tuple(sk, o, 0, TRACER_PROTO_TCP, &fresh.tuple))
+		if (bpf_map_lookup_elem(&lost_socks, &key))
 			return 0;
-		fresh.has_tuple = 1;
-		fresh.direction = dir_if_new;
-		if (bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST) && !bpf_map_lookup_elem(&socks, &key))
-			tele_add(TELE_SOCK_LOST);
-		si = bpf_map_lookup_elem(&socks, &key);
+		if (read_state(sk, o) == TCP_CLOSE)
+			return 0; /* the tuple is gone: nothing to name it by */
+		si = new_life(sk, o, tgid, dir_if_new, 1, 0);
 		if (!si)
 			return 0;
 	}
-	if (!si->has_tuple) {
-		__u32 pid = si->tuple.pid;
+	if (!si->has_tuple) { /* data before ESTABLISHED (fast open) */
+		__u32 pid = si->tuple.pid, life = si->tuple.life;
 		if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &si->tuple))
 			return 0;
+		si->tuple.life = life;
 		si->has_tuple = 1;
 	}
 	if (si->tuple.pid == 0) {
 		si->tuple.pid = tgid;
-		bpf_get_current_comm(si->comm, sizeof(si->comm));
-		get_stats(&si->tuple, si->direction, si->comm, o);
+		process_comm(si->stats.comm, o);
+		mark_dirty(&si->tuple, &si->stats, o, key);
 	}
 	return si;
 }
 
-INLINE void tcp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
+/* Bytes moved by a process that is not the socket's owner (a socket
+ * shared after fork): a conns record of its own, closed with the socket. */
+INLINE void count_other(struct sock_info *si, struct offsets *o, __u32 tgid, __u64 sent, __u64 recv)
 {
-	struct sock_info *si = claim_sock(sk, o, DIR_UNKNOWN);
 	struct conn_tuple t;
 	struct conn_stats *s;
+	int known = 0;
 
-	if (!si)
-		return;
 	__builtin_memcpy(&t, &si->tuple, sizeof(t));
-	t.pid = bpf_get_current_pid_tgid() >> 32;
-	s = get_stats(&t, si->direction, 0, o);
-	if (s)
-		add_bytes(&t, s, o, sent, recv);
+	t.pid = tgid;
+	s = bpf_map_lookup_elem(&conns, &t);
+	if (!s) {
+#pragma unroll
+		for (int i = 0; i < SOCK_OTHERS; i++)
+			if (si->others[i] == tgid)
+				known = 1;
+		if (!known) {
+			int free = -1;
+#pragma unroll
+			for (int i = SOCK_OTHERS - 1; i >= 0; i--)
+				if (!si->others[i])
+					free = i;
+			if (free == 0)
+				si->others[0] = tgid;
+			else if (free == 1)
+				si->others[1] = tgid;
+			else if (free == 2)
+				si->others[2] = tgid;
+			else
+				tele_add(TELE_SHARED_OVERFLOW);
+		}
+		s = get_stats(&t, si->stats.direction, o, TELE_CLOSED_LOST);
+		if (!s) {
+			tele_addn(TELE_BYTES_LOST, sent + recv);
+			return;
+		}
+		if (si->stats.state == CONN_CLOSED)
+			s->state = CONN_CLOSED;
+	}
+	add_bytes(&t, s, o, sent, recv, 0);
+}
+
+INLINE void tcp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct sock_info *si = claim_sock(sk, o, tgid, DIR_UNKNOWN);
+
+	if (!si) {
+		tele_addn(TELE_BYTES_LOST, sent + recv);
+		return;
+	}
+	if (si->tuple.pid == tgid)
+		add_bytes(&si->tuple, &si->stats, o, sent, recv, (__u64)sk);
+	else
+		count_other(si, o, tgid, sent, recv);
+}
+
+INLINE int same_tuple(const struct conn_tuple *a, const struct conn_tuple *b)
+{
+	return !differ16(a->saddr, b->saddr) && !differ16(a->daddr, b->daddr) &&
+	       a->sport == b->sport && a->dport == b->dport && a->family == b->family &&
+	       a->netns == b->netns;
 }
 
 INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
@@ -316,65 +506,77 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 	struct sock_info *si;
 
 	if (newstate == TCP_SYN_SENT) { /* connect(), process context */
-		struct sock_info fresh = {};
-		fresh.tuple.pid = bpf_get_current_pid_tgid() >> 32;
-		fresh.direction = DIR_OUTGOING;
-		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
-		if (bpf_map_update_elem(&socks, &key, &fresh, BPF_ANY))
-			tele_add(TELE_SOCK_LOST);
+		new_life(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_OUTGOING, 0, 1);
 		return;
 	}
 	si = bpf_map_lookup_elem(&socks, &key);
 	if (newstate == TCP_ESTABLISHED) {
-		if (si && si->direction == DIR_OUTGOING && !si->has_tuple) {
-			__u32 pid = si->tuple.pid;
+		struct conn_tuple now;
+		if (si && !si->has_tuple && si->stats.state == CONN_OPEN) { /* our connect() */
+			__u32 pid = si->tuple.pid, life = si->tuple.life;
 			if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &si->tuple))
 				return;
+			si->tuple.life = life;
 			si->has_tuple = 1;
-			get_stats(&si->tuple, DIR_OUTGOING, si->comm, o);
-		} else if (!si) { /* passive open: owner known at accept or first use */
-			struct sock_info fresh = {};
-			if (read_tuple(sk, o, 0, TRACER_PROTO_TCP, &fresh.tuple))
-				return;
-			fresh.has_tuple = 1;
-			fresh.direction = DIR_INCOMING;
-			if (bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST) && !bpf_map_lookup_elem(&socks, &key))
-				tele_add(TELE_SOCK_LOST);
+			mark_dirty(&si->tuple, &si->stats, o, key);
+			return;
 		}
+		if (!si && bpf_map_lookup_elem(&lost_socks, &key))
+			return; /* its connect() found the table full: counted then */
+		if (read_tuple(sk, o, 0, TRACER_PROTO_TCP, &now))
+			return;
+		/* an open entry with this very tuple: data came first (fast
+		 * open); anything else is an earlier life on this memory */
+		if (si && si->has_tuple && si->stats.state == CONN_OPEN && same_tuple(&si->tuple, &now))
+			return;
+		new_life(sk, o, 0, DIR_INCOMING, 1, 1); /* passive open: owner known at accept or first use */
 		return;
 	}
+	if (!si)
+		return;
 	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK) { /* close() or shutdown() */
-		if (si && si->tuple.pid == 0)
-			claim_sock(sk, o, DIR_INCOMING);
+		if (si->tuple.pid == 0)
+			claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_INCOMING);
 		return;
 	}
-	if (newstate == TCP_CLOSE && si) {
-		if (si->has_tuple && si->tuple.pid) {
-			struct conn_stats *s = bpf_map_lookup_elem(&conns, &si->tuple);
-			if (s) {
-				s->state = CONN_CLOSED;
-				s->last_ns = bpf_ktime_get_ns();
-				mark_dirty(&si->tuple, s, o);
-			}
-		}
-		bpf_map_delete_elem(&socks, &key);
-	}
+	if (newstate == TCP_CLOSE)
+		close_life(si, o, key);
 }
 
-INLINE void tcp_retransmit(const void *sk)
+/* The kernel frees the socket: nothing can send or receive on it after. */
+INLINE void tcp_destroy(const void *sk)
+{
+	__u64 key = (__u64)sk;
+	struct offsets *o = ready_offsets();
+	struct sock_info *si;
+
+	if (!o)
+		return;
+	si = bpf_map_lookup_elem(&socks, &key);
+	if (si)
+		end_life(key, si, o);
+	else
+		bpf_map_delete_elem(&lost_socks, &key);
+}
+
+/* struct sk_buff: cb[] at 40 since 4.x (x86-64); struct tcp_skb_cb:
+ * tcp_gso_segs (u16) at 8.  The kernel's tcpi_total_retrans adds
+ * tcp_skb_pcount() per retransmitted skb. */
+#define SKB_TCP_GSO_SEGS (40 + 8)
+
+INLINE void tcp_retransmit(const void *sk, const void *skb)
 {
 	__u64 key = (__u64)sk;
 	struct offsets *o = ready_offsets();
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
-	struct conn_stats *s;
+	__u16 segs = 0;
 
 	if (!o || !si || !si->has_tuple || !si->tuple.pid)
 		return;
-	s = bpf_map_lookup_elem(&conns, &si->tuple);
-	if (s) {
-		__sync_fetch_and_add(&s->retransmits, 1);
-		mark_dirty(&si->tuple, s, o);
-	}
+	if (skb)
+		kread(&segs, sizeof(segs), skb + SKB_TCP_GSO_SEGS);
+	__sync_fetch_and_add(&si->stats.retransmits, segs ? segs : 1);
+	mark_dirty(&si->tuple, &si->stats, o, key);
 }
 
 /* ------------------------------------------------------------------ */
@@ -402,6 +604,38 @@ INLINE void peer_from_sockaddr(struct peer *p, const void *sa, int user)
 	}
 	__builtin_memcpy(&p->port, buf + 2, 2);
 	p->port = swap16(p->port);
+}
+
+/* The source of a received datagram, from the headers before its payload
+ * (skb->data points at the payload once UDP has queued it). */
+#define SKB_HDRS 72
+INLINE void peer_from_skb(struct peer *p, const void *skb, struct offsets *o)
+{
+	unsigned long data = 0;
+	__u8 h[SKB_HDRS];
+
+	__builtin_memset(p, 0, sizeof(*p));
+	if (!o->skb_data || bpf_probe_read_kernel(&data, sizeof(data), skb + o->skb_data) || !data ||
+	    bpf_probe_read_kernel(h, sizeof(h), (void *)(data - SKB_HDRS)))
+		return;
+	/* UDP header at SKB_HDRS - 8; IPv6 (40 bytes) or IPv4 (4 * IHL) before it */
+	if ((h[SKB_HDRS - 48] >> 4) == 6 && h[SKB_HDRS - 48 + 6] == TRACER_PROTO_UDP) {
+		p->family = 6;
+		__builtin_memcpy(p->addr, h + SKB_HDRS - 48 + 8, 16);
+	} else {
+#pragma unroll
+		for (int ihl = 5; ihl <= 15; ihl++) {
+			int at = SKB_HDRS - 8 - 4 * ihl;
+			if (h[at] == (0x40 | ihl) && h[at + 9] == TRACER_PROTO_UDP) {
+				p->family = 4;
+				__builtin_memcpy(p->addr, h + at + 12, 4);
+				break;
+			}
+		}
+		if (!p->family)
+			return;
+	}
+	p->port = ((__u16)h[SKB_HDRS - 8] << 8) | h[SKB_HDRS - 7];
 }
 
 /* p: the message's peer (family 0: none).  Never NULL: clang turns a NULL
@@ -432,9 +666,11 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 		}
 		t.dport = p->port;
 	}
-	s = get_stats(&t, sent ? DIR_OUTGOING : DIR_INCOMING, 0, o);
+	s = get_stats(&t, sent ? DIR_OUTGOING : DIR_INCOMING, o, TELE_UDP_LOST);
 	if (s)
-		add_bytes(&t, s, o, sent, recv);
+		add_bytes(&t, s, o, sent, recv, 0);
+	else
+		tele_addn(TELE_BYTES_LOST, sent + recv);
 }
 
 /* ------------------------------------------------------------------ */
@@ -452,6 +688,27 @@ INLINE void guess_dump_sk(const void *sk)
 	d = bpf_map_lookup_elem(&guess_dump, &zero);
 	if (!d)
 		return;
+	if (g->mode != GUESS_SOCK) { /* the task_struct: process names */
+		unsigned long task = bpf_get_current_task();
+		if (g->mode == GUESS_TASK_AT) {
+			unsigned long at = 0;
+			bpf_probe_read_kernel(&at, sizeof(at), (void *)(task + g->net_off));
+			task = at;
+		}
+		d->sk = task;
+		d->sk_ok = 0;
+		d->net_ok = 0;
+#pragma unroll
+		for (int i = 0; i < GUESS_SK_BYTES / GUESS_CHUNK; i++)
+			if (task && !bpf_probe_read_kernel(d->sk_bytes + i * GUESS_CHUNK, GUESS_CHUNK, (void *)(task + i * GUESS_CHUNK)))
+				d->sk_ok |= 1 << i;
+#pragma unroll
+		for (int i = 0; i < GUESS_NET_BYTES / GUESS_CHUNK; i++)
+			if (task && !bpf_probe_read_kernel(d->net_bytes + i * GUESS_CHUNK, GUESS_CHUNK, (void *)(task + GUESS_SK_BYTES + i * GUESS_CHUNK)))
+				d->net_ok |= 1 << i;
+		d->seq = g->seq;
+		return;
+	}
 	d->sk = (__u64)sk;
 	d->sk_ok = 0;
 	d->net_ok = 0;
@@ -467,6 +724,35 @@ INLINE void guess_dump_sk(const void *sk)
 				d->net_ok |= 1 << i;
 	}
 	d->seq = g->seq;
+}
+
+/* skb_consume_udp(sk, skb, len): the datagram just copied to the user.
+ * GUESS_SOCK dumps the sk_buff itself; GUESS_SKB_AT the bytes around a
+ * pointer in it (the payload, when that pointer is skb->data). */
+SEC("kprobe/skb_consume_udp")
+int guess_skb_consume_udp(struct pt_regs *ctx)
+{
+	__u32 zero = 0;
+	struct guess_req *g = bpf_map_lookup_elem(&guess_req, &zero);
+	struct guess_dump *d;
+	unsigned long skb = PARM2(ctx), at = 0;
+
+	if (!g || g->pid_tgid != bpf_get_current_pid_tgid())
+		return 0;
+	d = bpf_map_lookup_elem(&guess_dump, &zero);
+	if (!d)
+		return 0;
+	if (g->mode == GUESS_SKB_AT) {
+		bpf_probe_read_kernel(&at, sizeof(at), (void *)(skb + g->net_off));
+		skb = at - GUESS_SKB_BEFORE;
+	} else if (g->mode != GUESS_SOCK) {
+		return 0;
+	}
+	d->sk = skb;
+	d->sk_ok = !bpf_probe_read_kernel(d->sk_bytes, GUESS_CHUNK, (void *)skb);
+	d->net_ok = 0;
+	d->seq = g->seq;
+	return 0;
 }
 
 SEC("raw_tracepoint/sock_send_length")
@@ -526,7 +812,7 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct stash *st;
 	struct peer none = {};
-	__u16 proto, dport = 0;
+	__u16 proto;
 
 	if (!o || ret <= 0 || (flags & MSG_PEEK))
 		return;
@@ -537,12 +823,16 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 	}
 	if (proto != TRACER_PROTO_UDP)
 		return;
-	kread(&dport, sizeof(dport), sk + o->dport);
-	st = dport ? 0 : bpf_map_lookup_elem(&stash, &id);
-	if (st && st->uaddr) { /* the peer is copied to the user after this: wait for sys_exit */
-		st->sk = (__u64)sk;
-		st->bytes = ret;
-		return;
+	st = bpf_map_lookup_elem(&stash, &id);
+	if (st) {
+		if (st->uaddr) { /* the peer is copied to the user after this: wait for sys_exit */
+			st->sk = (__u64)sk;
+			st->bytes = ret;
+			return;
+		}
+		if (st->has_peer) /* from the cgroup recvmsg hook, earlier in this call */
+			__builtin_memcpy(&none, &st->peer, sizeof(none));
+		bpf_map_delete_elem(&stash, &id);
 	}
 	udp_count(sk, o, 0, ret, &none);
 }
@@ -564,7 +854,24 @@ int tp_sock_recv_length(struct raw_args *ctx)
 SEC("raw_tracepoint/tcp_retransmit_skb")
 int tp_tcp_retransmit_skb(struct raw_args *ctx)
 {
-	tcp_retransmit((void *)ctx->args[0]);
+	tcp_retransmit((void *)ctx->args[0], (void *)ctx->args[1]);
+	return 0;
+}
+
+/* From 6.13 the tracepoint also fires for retransmits that failed before
+ * the kernel counted them (err != 0). */
+SEC("raw_tracepoint/tcp_retransmit_skb")
+int tp_tcp_retransmit_skb_err(struct raw_args *ctx)
+{
+	if ((int)ctx->args[2] == 0)
+		tcp_retransmit((void *)ctx->args[0], (void *)ctx->args[1]);
+	return 0;
+}
+
+SEC("raw_tracepoint/tcp_destroy_sock")
+int tp_tcp_destroy_sock(struct raw_args *ctx)
+{
+	tcp_destroy((void *)ctx->args[0]);
 	return 0;
 }
 
@@ -595,9 +902,10 @@ int tpp_sock_recv_length(void *ctx)
 SEC("tracepoint/tcp/tcp_retransmit_skb")
 int tpp_tcp_retransmit_skb(void *ctx)
 {
-	unsigned long sk = 0;
+	unsigned long sk = 0, skb = 0;
 	tp_read(ctx, TPF_RETRANS_SKADDR, &sk, sizeof(sk));
-	tcp_retransmit((void *)sk);
+	tp_read(ctx, TPF_RETRANS_SKBADDR, &skb, sizeof(skb));
+	tcp_retransmit((void *)sk, (void *)skb);
 	return 0;
 }
 
@@ -657,6 +965,79 @@ INLINE void stash_put(struct stash *st)
 	__u64 id = bpf_get_current_pid_tgid();
 	if (bpf_map_update_elem(&stash, &id, st, BPF_ANY))
 		tele_add(TELE_STASH_LOST);
+}
+
+/* cgroup sock_addr hooks (attached to the cgroup2 root, always allowing):
+ * the kernel runs them only for UDP calls that carry an address (sendto or
+ * sendmsg with a name on an unconnected socket; recvfrom or recvmsg asking
+ * for the source), inside the call, before sock_send_length or
+ * sock_recv_length fires; nothing else pays for them. */
+struct bpf_sock_addr {
+	__u32 user_family;
+	__u32 user_ip4;      /* network order */
+	__u32 user_ip6[4];
+	__u32 user_port;     /* network order, in the low 16 bits */
+	__u32 family;
+	__u32 type;
+	__u32 protocol;
+	__u32 msg_src_ip4;
+	__u32 msg_src_ip6[4];
+};
+
+INLINE void stash_peer4(struct bpf_sock_addr *ctx)
+{
+	struct stash st = {};
+	__u32 ip = ctx->user_ip4, port = ctx->user_port;
+
+	st.peer.family = 4;
+	__builtin_memcpy(st.peer.addr, &ip, 4);
+	st.peer.port = swap16((__u16)port);
+	st.has_peer = 1;
+	stash_put(&st);
+}
+
+INLINE void stash_peer6(struct bpf_sock_addr *ctx)
+{
+	struct stash st = {};
+	__u32 ip[4], port = ctx->user_port;
+
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+	st.peer.family = 6;
+	__builtin_memcpy(st.peer.addr, ip, 16);
+	st.peer.port = swap16((__u16)port);
+	st.has_peer = 1;
+	stash_put(&st);
+}
+
+SEC("cgroup/sendmsg4")
+int cg_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	stash_peer4(ctx);
+	return 1;
+}
+
+SEC("cgroup/sendmsg6")
+int cg_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	stash_peer6(ctx);
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int cg_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	stash_peer4(ctx);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int cg_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	stash_peer6(ctx);
+	return 1;
 }
 
 SEC("tracepoint/syscalls/sys_enter_sendto")
@@ -795,7 +1176,7 @@ int krp_inet_csk_accept(struct pt_regs *ctx)
 	struct offsets *o = ready_offsets();
 	void *sk = (void *)RC(ctx);
 	if (o && sk)
-		claim_sock(sk, o, DIR_INCOMING);
+		claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_INCOMING);
 	return 0;
 }
 
@@ -864,13 +1245,6 @@ int krp_tcp_recvmsg(struct pt_regs *ctx)
 	return 0;
 }
 
-SEC("kprobe/tcp_retransmit_skb")
-int kp_tcp_retransmit_skb(struct pt_regs *ctx)
-{
-	tcp_retransmit((void *)PARM1(ctx));
-	return 0;
-}
-
 /* udp_sendmsg(sk, msg, len); kernel struct msghdr: msg_name at offset 0. */
 INLINE void udp_send_entry(struct pt_regs *ctx)
 {
@@ -923,62 +1297,23 @@ int krp_udpv6_sendmsg(struct pt_regs *ctx)
 	return 0;
 }
 
-/* udp(v6)_recvmsg: same argument change as tcp_recvmsg in 5.19. */
-SEC("kprobe/udp_recvmsg")
-int kp_udp_recvmsg(struct pt_regs *ctx)
-{
-	stash_args((void *)PARM1(ctx), (void *)PARM2(ctx), PARM4(ctx));
-	return 0;
-}
-
-SEC("kprobe/udp_recvmsg")
-int kp_udp_recvmsg_pre_5_19(struct pt_regs *ctx)
-{
-	stash_args((void *)PARM1(ctx), (void *)PARM2(ctx), PARM5(ctx));
-	return 0;
-}
-
-INLINE void udp_recv_return(struct pt_regs *ctx)
+/* skb_consume_udp(sk, skb, len): called by udp(v6)_recvmsg once the
+ * datagram was copied, with the return value (negated for MSG_PEEK): one
+ * kprobe per receive, and the datagram's own source for every recv(),
+ * read() or recvmsg(), with or without an address. */
+SEC("kprobe/skb_consume_udp")
+int kp_skb_consume_udp(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
-	struct stash copy, *st = stash_take(&copy);
-	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
-	unsigned long name = 0;
-	struct peer p = {};
+	int len = (int)PARM3(ctx);
+	struct peer p;
 
-	if (!o || !st || ret <= 0 || (st->flags & MSG_PEEK))
-		return;
-	bpf_probe_read_kernel(&name, sizeof(name), (void *)st->msg);
-	if (name)
-		peer_from_sockaddr(&p, (void *)name, 0);
-	udp_count((void *)st->sk, o, 0, ret, &p);
-}
-
-SEC("kretprobe/udp_recvmsg")
-int krp_udp_recvmsg(struct pt_regs *ctx)
-{
-	udp_recv_return(ctx);
-	return 0;
-}
-
-SEC("kprobe/udpv6_recvmsg")
-int kp_udpv6_recvmsg(struct pt_regs *ctx)
-{
-	stash_args((void *)PARM1(ctx), (void *)PARM2(ctx), PARM4(ctx));
-	return 0;
-}
-
-SEC("kprobe/udpv6_recvmsg")
-int kp_udpv6_recvmsg_pre_5_19(struct pt_regs *ctx)
-{
-	stash_args((void *)PARM1(ctx), (void *)PARM2(ctx), PARM5(ctx));
-	return 0;
-}
-
-SEC("kretprobe/udpv6_recvmsg")
-int krp_udpv6_recvmsg(struct pt_regs *ctx)
-{
-	udp_recv_return(ctx);
+	if (!o || len <= 0)
+		return 0;
+	peer_from_skb(&p, (void *)PARM2(ctx), o);
+	if (!p.family)
+		tele_add(TELE_PENDING_LOST);
+	udp_count((void *)PARM1(ctx), o, 0, len, &p);
 	return 0;
 }
 

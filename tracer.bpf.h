@@ -22,8 +22,8 @@ typedef long long __s64;
 #define CONN_OPEN 1
 #define CONN_CLOSED 2
 
-/* Key of the conns map: one connection of one process.  48 bytes.
- * Python: CONN_TUPLE in conntrack.py. */
+/* Key of the conns map and name of every record: one life of one
+ * connection of one process.  52 bytes.  Python: CONN_TUPLE in conntrack.py. */
 struct conn_tuple {
 	__u8 saddr[16];   /* IPv4 in the first 4 bytes, network order */
 	__u8 daddr[16];
@@ -34,31 +34,41 @@ struct conn_tuple {
 	__u8 family;      /* 4 or 6 */
 	__u8 proto;       /* TRACER_PROTO_TCP or TRACER_PROTO_UDP */
 	__u16 _pad;
+	__u32 life;       /* TCP: which life of the socket (a number per connect or
+			   * passive open); UDP: 0 */
 };
 
-/* Value of the conns map.  56 bytes.  Python: CONN_STATS in conntrack.py. */
+/* Counters of one record: the value of the conns map, and inside a socks
+ * entry for the socket's owner.  56 bytes.  Python: CONN_STATS in conntrack.py. */
 struct conn_stats {
 	__u64 sent_bytes;
 	__u64 recv_bytes;
-	__u64 first_ns;   /* bpf_ktime_get_ns() when created */
+	__u64 first_ns;   /* bpf_ktime_get_ns() at the start of the life (or when first seen) */
 	__u64 last_ns;    /* ... when last updated */
-	__u32 retransmits;
+	__u32 retransmits; /* segments, as tcpi_total_retrans */
 	__u8 direction;   /* DIR_* */
 	__u8 state;       /* CONN_OPEN or CONN_CLOSED */
-	__u16 _pad;
-	char comm[16];
+	__u8 seen_start;  /* 1: first_ns is the connection's start */
+	__u8 _pad;
+	char comm[16];    /* the process name (its main thread's) */
 	__u32 gen;        /* the poll generation in which it was last put in dirty */
 	__u32 _pad2;
 };
 
-/* Value of the socks map (key: struct sock address): who owns a TCP socket
- * and which tuple it has.  Python: SOCK_INFO in conntrack.py. */
+#define SOCK_OTHERS 3
+
+/* Value of the socks map (key: struct sock address): one TCP socket's
+ * current life, from connect or passive open until the kernel destroys the
+ * socket.  The owner's counters live here (one lookup per send or
+ * receive); other processes that use the socket (after fork) get conns
+ * entries of their own, listed in others[] so they close with it.
+ * Python: SOCK_INFO in conntrack.py. */
 struct sock_info {
-	struct conn_tuple tuple;
-	char comm[16];
-	__u8 direction;
-	__u8 has_tuple;
-	__u8 _pad[6];
+	struct conn_tuple tuple;  /* captured while valid; pid = the owner */
+	__u32 has_tuple;
+	struct conn_stats stats;
+	__u32 others[SOCK_OTHERS];
+	__u32 _pad;
 };
 
 /* A peer address taken from a message (unconnected UDP). */
@@ -99,15 +109,29 @@ struct offsets {
 	__u32 net;        /* skc_net: struct net * */
 	__u32 netns_inum; /* offset of ns.inum inside struct net */
 	__u32 gen;        /* poll generation: user space bumps it at each poll */
+	__u32 task_comm;  /* struct task_struct: comm (0: unknown, use the thread's) */
+	__u32 task_leader; /* struct task_struct: group_leader */
+	__u32 skb_data;   /* struct sk_buff: data (0: unknown; kprobe backend only) */
+	__u32 _pad;
 };
 
 /* guess_req map, index 0: what the guessing thread asks for.
  * Python: GUESS_REQ in offsetguess.py. */
 struct guess_req {
 	__u64 pid_tgid;   /* only this thread's events are dumped */
-	__u32 net_off;    /* when non-zero: also dump *(void **)(sk + net_off) */
+	__u32 net_off;    /* when non-zero: also dump *(void **)(sk + net_off);
+			   * GUESS_TASK_AT: the task_struct offset to follow */
 	__u32 seq;        /* copied into the dump, to match request and answer */
+	__u32 mode;       /* GUESS_SOCK, GUESS_TASK or GUESS_TASK_AT */
+	__u32 _pad;
 };
+
+/* guess_req.mode: what the guess program dumps */
+#define GUESS_SOCK 0      /* the struct sock (and its struct net) */
+#define GUESS_TASK 1      /* the current task_struct, 4096 bytes over both areas */
+#define GUESS_TASK_AT 2   /* the task_struct at *(current + net_off), likewise */
+#define GUESS_SKB_AT 3    /* the sk_buff's bytes at *(skb + net_off) - GUESS_SKB_BEFORE */
+#define GUESS_SKB_BEFORE 128
 
 #define GUESS_SK_BYTES 2048
 #define GUESS_NET_BYTES 2048
@@ -126,15 +150,18 @@ struct guess_dump {
 };
 
 /* telemetry map (array of __u64) indexes.  Python: TELEMETRY_NAMES. */
-#define TELE_CONN_LOST 0      /* conns map full: a connection not tracked */
-#define TELE_SOCK_LOST 1      /* socks map full */
+#define TELE_CONN_LOST 0      /* TCP connection lives not tracked: socks map full */
+#define TELE_CLOSED_LOST 1    /* ended lives or other processes' records the conns map could not hold */
 #define TELE_STASH_LOST 2     /* per-thread stash map full */
 #define TELE_TUPLE_MISMATCH 3 /* guessed offsets disagree with the tracepoint */
 #define TELE_TUPLE_CHECKED 4  /* cross-checks made */
 #define TELE_READ_FAULT 5     /* bpf_probe_read_kernel failed */
 #define TELE_PENDING_LOST 6   /* UDP receive whose peer address was not read */
 #define TELE_DIRTY_LOST 7     /* dirty map full: the next full scan finds it */
-#define TELE_MAX 8
+#define TELE_BYTES_LOST 8     /* bytes sent or received that no record could hold */
+#define TELE_UDP_LOST 9       /* UDP datagrams whose flow the conns map could not hold */
+#define TELE_SHARED_OVERFLOW 10 /* a socket used by more processes than sock_info.others holds */
+#define TELE_MAX 11
 
 /* test_counts map (array of __u64), used only by the self-test programs. */
 #define TEST_CONNECT_ENTRY 0
@@ -162,6 +189,7 @@ struct guess_dump {
 #define TPF_SSL_RET 16
 #define TPF_SSL_FLAGS 17
 #define TPF_RETRANS_SKADDR 18
+#define TPF_RETRANS_SKBADDR 19
 #define TPF_MAX 24
 
 #endif

@@ -84,7 +84,9 @@ class Tracer(object):
         names = [p for p, _, _ in self.plan] + [p for p, _, _ in backends.GUESS_PROGRAMS[self.backend]]
         if self.backend == "tracepoint":
             names += [alt for alt, _ in backends.PERF_FALLBACK.values()]
-        sizes = {"conns": max_conns, "socks": max_conns, "dirty": max_conns} if max_conns else None
+            if any(kind == "cgroup" for _, kind, _ in self.plan):
+                names += [p for p, _, _ in backends.SYSCALL_FALLBACK]
+        sizes = {"conns": max_conns, "socks": max_conns, "dirty": 2 * max_conns} if max_conns else None
         try:
             self._coll = spec.load(names, sizes)
         except bpfsys.BPFError as e:
@@ -97,7 +99,9 @@ class Tracer(object):
             raise TracerError("offset guessing failed: %s" % e)
         self._coll.maps["offsets"].update(b"\0\0\0\0", self.offsets.pack())
         try:
-            self._links = backends.attach_all(self._coll, self.backend, self.plan, kprobe_method)
+            self.attach_notes = []
+            self._links = backends.attach_all(self._coll, self.backend, self.plan, kprobe_method,
+                                              self.attach_notes)
         except (bpfsys.BPFError, OSError, backends.BackendError) as e:
             raise TracerError("attaching the %s backend failed: %s" % (self.backend, e))
         offsets_map = self._coll.maps["offsets"]
@@ -133,7 +137,7 @@ class Tracer(object):
             if not name.startswith("_"):
                 v = raw.get(i.to_bytes(4, "little"))
                 t[name] = int.from_bytes(v, "little") if v else 0
-        t["lost"] = t["conn_lost"] + t["sock_lost"] + t["stash_lost"]
+        t["lost"] = t["conn_lost"] + t["closed_lost"] + t["udp_lost"] + t["stash_lost"]
         t["missed"] = self._missed()
         return t
 

@@ -359,7 +359,7 @@ def test_json_telemetry_record_each_interval(run_cli):
     assert tc.out[-1] == json.dumps(tele[-1])  # the telemetry closes each interval
     for t in tele:
         assert t["backend"] == "tracepoint" and t["lost"] == 0
-        for key in ("tracked", "conn_lost", "sock_lost", "stash_lost", "poll_seconds", "time"):
+        for key in ("tracked", "conn_lost", "closed_lost", "udp_lost", "bytes_lost", "stash_lost", "poll_seconds", "time"):
             assert key in t
 
 

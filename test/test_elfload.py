@@ -20,28 +20,27 @@ OBJ = os.path.join(ROOT, "tracer.bpf.o")
 
 # program -> ELF section (SEC() in tracer.bpf.c)
 PROGRAM_SECTIONS = {
+    "cg_recvmsg4": "cgroup/recvmsg4",
+    "cg_recvmsg6": "cgroup/recvmsg6",
+    "cg_sendmsg4": "cgroup/sendmsg4",
+    "cg_sendmsg6": "cgroup/sendmsg6",
     "guess_sock_send_length": "raw_tracepoint/sock_send_length",
     "guess_tcp_sendmsg": "kprobe/tcp_sendmsg",
     "guess_udp_sendmsg": "kprobe/udp_sendmsg",
+    "guess_skb_consume_udp": "kprobe/skb_consume_udp",
+    "kp_skb_consume_udp": "kprobe/skb_consume_udp",
     "kp_tcp_recvmsg": "kprobe/tcp_recvmsg",
     "kp_tcp_recvmsg_pre_5_19": "kprobe/tcp_recvmsg",
-    "kp_tcp_retransmit_skb": "kprobe/tcp_retransmit_skb",
     "kp_tcp_sendmsg": "kprobe/tcp_sendmsg",
     "kp_tcp_sendpage": "kprobe/tcp_sendpage",
     "kp_tcp_set_state": "kprobe/tcp_set_state",
-    "kp_udp_recvmsg": "kprobe/udp_recvmsg",
-    "kp_udp_recvmsg_pre_5_19": "kprobe/udp_recvmsg",
     "kp_udp_sendmsg": "kprobe/udp_sendmsg",
-    "kp_udpv6_recvmsg": "kprobe/udpv6_recvmsg",
-    "kp_udpv6_recvmsg_pre_5_19": "kprobe/udpv6_recvmsg",
     "kp_udpv6_sendmsg": "kprobe/udpv6_sendmsg",
     "krp_inet_csk_accept": "kretprobe/inet_csk_accept",
     "krp_tcp_recvmsg": "kretprobe/tcp_recvmsg",
     "krp_tcp_sendmsg": "kretprobe/tcp_sendmsg",
     "krp_tcp_sendpage": "kretprobe/tcp_sendpage",
-    "krp_udp_recvmsg": "kretprobe/udp_recvmsg",
     "krp_udp_sendmsg": "kretprobe/udp_sendmsg",
-    "krp_udpv6_recvmsg": "kretprobe/udpv6_recvmsg",
     "krp_udpv6_sendmsg": "kretprobe/udpv6_sendmsg",
     "test_send_bytes": "raw_tracepoint/sock_send_length",
     "test_send_calls_tp": "tracepoint/sock/sock_send_length",
@@ -57,6 +56,8 @@ PROGRAM_SECTIONS = {
     "tp_sys_exit_recvfrom": "tracepoint/syscalls/sys_exit_recvfrom",
     "tp_sys_exit_recvmsg": "tracepoint/syscalls/sys_exit_recvmsg",
     "tp_tcp_retransmit_skb": "raw_tracepoint/tcp_retransmit_skb",
+    "tp_tcp_retransmit_skb_err": "raw_tracepoint/tcp_retransmit_skb",
+    "tp_tcp_destroy_sock": "raw_tracepoint/tcp_destroy_sock",
     "tpp_sock_recv_length": "tracepoint/sock/sock_recv_length",
     "tpp_sock_send_length": "tracepoint/sock/sock_send_length",
     "tpp_tcp_retransmit_skb": "tracepoint/tcp/tcp_retransmit_skb",
@@ -64,19 +65,22 @@ PROGRAM_SECTIONS = {
 
 # section prefix -> (kind, BPF_PROG_TYPE_* number from include/uapi/linux/bpf.h)
 KINDS = {"kprobe/": ("kprobe", 2), "kretprobe/": ("kretprobe", 2),
-         "tracepoint/": ("tracepoint", 5), "raw_tracepoint/": ("raw_tracepoint", 17)}
+         "tracepoint/": ("tracepoint", 5), "raw_tracepoint/": ("raw_tracepoint", 17),
+         "cgroup/": ("cgroup", 18)}
 
-HASH, ARRAY = 1, 2
+HASH, ARRAY, LRU_HASH = 1, 2, 9
 # map -> (type, key size, value size, max entries, flags): MAP() in tracer.bpf.c
 MAPS = {
-    "conns": (HASH, 48, 64, 65536, 0),
-    "dirty": (HASH, 48, 4, 65536, 0),
-    "socks": (HASH, 8, 72, 65536, 0),
-    "stash": (HASH, 8, 72, 16384, 0),
-    "offsets": (ARRAY, 4, 56, 1, 0),
-    "telemetry": (ARRAY, 4, 8, 8, 0),
+    "conns": (HASH, 52, 64, 65536, 0),
+    "dirty": (HASH, 52, 8, 65536, 0),
+    "socks": (HASH, 8, 136, 65536, 0),
+    "stash": (LRU_HASH, 8, 72, 16384, 0),
+    "lost_socks": (LRU_HASH, 8, 4, 16384, 0),
+    "life_seq": (ARRAY, 4, 8, 1, 0),
+    "offsets": (ARRAY, 4, 72, 1, 0),
+    "telemetry": (ARRAY, 4, 8, 11, 0),
     "tp_fields": (ARRAY, 4, 4, 24, 0),
-    "guess_req": (ARRAY, 4, 16, 1, 0),
+    "guess_req": (ARRAY, 4, 24, 1, 0),
     "guess_dump": (ARRAY, 4, 4120, 1, 0),
     "test_counts": (ARRAY, 4, 8, 4, 0),
     "test_bytes": (HASH, 4, 8, 1024, 0),
@@ -170,7 +174,7 @@ def rejected(data, *substrings):
 
 def test_programs_are_named_by_function_with_section_type_and_target(spec):
     assert sorted(spec.programs) == sorted(PROGRAM_SECTIONS)
-    assert len(spec.programs) == 40
+    assert len(spec.programs) == len(PROGRAM_SECTIONS)
     for name, section in PROGRAM_SECTIONS.items():
         p = spec.programs[name]
         prefix = next(k for k in KINDS if section.startswith(k))
@@ -204,11 +208,14 @@ def test_program_code_is_the_function_symbol_bytes(spec, data):
 
 def test_every_program_the_backends_attach_is_in_the_object(spec):
     for prog, kind, target, _ in backends.TRACEPOINT_PROGRAMS:
+        for variant in set([prog.format(err=""), prog.format(err="_err")]):
+            assert (spec.programs[variant].kind, spec.programs[variant].target) == (kind, target)
+    for prog, kind, target in backends.SYSCALL_FALLBACK:
         assert (spec.programs[prog].kind, spec.programs[prog].target) == (kind, target)
     for prog, (alt, target) in backends.PERF_FALLBACK.items():
         assert (spec.programs[alt].kind, spec.programs[alt].target) == ("tracepoint", target)
     for prog, kind, func, _ in backends.KPROBE_PROGRAMS:
-        for variant in set([prog.format(recv=""), prog.format(recv="_pre_5_19")]):
+        for variant in set([prog.format(recv="", err=""), prog.format(recv="_pre_5_19", err="_err")]):
             assert (spec.programs[variant].kind, spec.programs[variant].target) == (
                 kind, func.rstrip("?")), variant
     for backend, progs in backends.GUESS_PROGRAMS.items():
@@ -265,7 +272,7 @@ def test_parsing_needs_no_privilege():
         try:
             os.setgid(65534)
             os.setuid(65534)
-            code = 0 if len(elfload.parse_file(OBJ).programs) == 40 else 2
+            code = 0 if len(elfload.parse_file(OBJ).programs) == len(PROGRAM_SECTIONS) else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -382,6 +389,12 @@ def test_code_in_a_section_of_unknown_type(data):
     strtab_name = elf.sections[elf.shstrndx]["name_off"]  # ".strtab"
     broken = patched(data, sec["hdr"], "<I", strtab_name)
     rejected(broken, "section '.strtab' holds code of an unknown program type")
+
+
+def test_code_for_an_unknown_cgroup_hook(data):
+    at = data.index(b"cgroup/sendmsg4\0")
+    broken = data[:at] + b"cgroup/sendmsg9" + data[at + 15:]
+    rejected(broken, "section 'cgroup/sendmsg9': unknown cgroup hook 'sendmsg9'")
 
 
 def _first_rel(elf, function):

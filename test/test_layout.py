@@ -24,24 +24,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # C struct -> its fields in declaration order (tracer.bpf.h)
 C_FIELDS = {
-    "conn_tuple": ("saddr", "daddr", "netns", "pid", "sport", "dport", "family", "proto", "_pad"),
+    "conn_tuple": ("saddr", "daddr", "netns", "pid", "sport", "dport", "family", "proto", "_pad",
+                   "life"),
     "conn_stats": ("sent_bytes", "recv_bytes", "first_ns", "last_ns", "retransmits", "direction",
-                   "state", "_pad", "comm", "gen", "_pad2"),
-    "sock_info": ("tuple", "comm", "direction", "has_tuple", "_pad"),
+                   "state", "seen_start", "_pad", "comm", "gen", "_pad2"),
+    "sock_info": ("tuple", "has_tuple", "stats", "others", "_pad"),
     "offsets": offsetguess.OFFSET_FIELDS,
-    "guess_req": ("pid_tgid", "net_off", "seq"),
+    "guess_req": ("pid_tgid", "net_off", "seq", "mode", "_pad"),
     "guess_dump": ("seq", "sk_ok", "net_ok", "_pad", "sk", "sk_bytes", "net_bytes"),
     "stash": ("sk", "msg", "uaddr", "bytes", "flags", "peer", "has_peer", "_pad"),
     "peer": ("addr", "port", "family", "_pad"),
 }
-MACROS = ("GUESS_SK_BYTES", "GUESS_NET_BYTES", "GUESS_CHUNK", "TELE_MAX", "TPF_MAX",
-          "TELE_CONN_LOST", "TELE_SOCK_LOST", "TELE_STASH_LOST", "TELE_TUPLE_MISMATCH",
+MACROS = ("GUESS_SOCK", "GUESS_TASK", "GUESS_TASK_AT", "GUESS_SKB_AT", "GUESS_SKB_BEFORE", "GUESS_SK_BYTES", "GUESS_NET_BYTES", "GUESS_CHUNK", "TELE_MAX", "TPF_MAX",
+          "TELE_CONN_LOST", "TELE_CLOSED_LOST", "TELE_STASH_LOST", "TELE_BYTES_LOST",
+          "TELE_UDP_LOST", "TELE_SHARED_OVERFLOW", "TELE_DIRTY_LOST", "SOCK_OTHERS", "TELE_TUPLE_MISMATCH",
           "TELE_TUPLE_CHECKED", "TELE_READ_FAULT", "TELE_PENDING_LOST",
           "TPF_ISS_SKADDR", "TPF_ISS_NEWSTATE", "TPF_ISS_SPORT", "TPF_ISS_DPORT", "TPF_ISS_FAMILY",
           "TPF_ISS_PROTOCOL", "TPF_ISS_SADDR", "TPF_ISS_DADDR", "TPF_ISS_SADDR_V6",
           "TPF_ISS_DADDR_V6", "TPF_SENDTO_ADDR", "TPF_SENDMSG_MSG", "TPF_RECVFROM_ADDR",
           "TPF_RECVMSG_MSG", "TPF_SYSEXIT_RET", "TPF_SSL_SK", "TPF_SSL_RET", "TPF_SSL_FLAGS",
-          "TPF_RETRANS_SKADDR", "TEST_SEND_CALLS", "CONN_CLOSED")
+          "TPF_RETRANS_SKADDR", "TPF_RETRANS_SKBADDR", "TEST_SEND_CALLS", "CONN_CLOSED")
 
 
 def _compiler():
@@ -119,30 +121,45 @@ def assert_mirrors(c, name, st, fields=None):
 
 
 def test_conn_tuple_mirrors_the_c_struct(c_layout):
-    assert c_layout["conn_tuple"] == conntrack.CONN_TUPLE.size == 48
+    assert c_layout["conn_tuple"] == conntrack.CONN_TUPLE.size == 52
     assert_mirrors(c_layout, "conn_tuple", conntrack.CONN_TUPLE)
 
 
 def test_conn_stats_mirrors_the_c_struct(c_layout):
     assert c_layout["conn_stats"] == conntrack.CONN_STATS.size == 64
+    assert c_layout["conn_stats.state"][0] == conntrack._STATE_OFFSET
+    assert c_layout["conn_stats.last_ns"][0] == conntrack._LAST_NS_OFFSET
+    assert c_layout["conn_tuple.pid"][0] == conntrack._PID_OFFSET
+    assert c_layout["conn_tuple.proto"][0] == conntrack._PROTO_OFFSET
     assert_mirrors(c_layout, "conn_stats", conntrack.CONN_STATS)
 
 
-def test_sock_info_starts_with_the_tuple(c_layout):
-    assert c_layout["sock_info.tuple"] == (0, 48)
+def test_sock_info_mirrors_the_c_struct(c_layout):
+    assert c_layout["sock_info.tuple"] == (0, 52)
     sl = conntrack.SOCK_INFO_TUPLE
     assert (sl.start, sl.stop) == (0, c_layout["conn_tuple"])
-    assert c_layout["sock_info"] == 72
+    st = conntrack.SOCK_INFO_STATS
+    assert (st.start, st.stop - st.start) == c_layout["sock_info.stats"]
+    assert c_layout["sock_info.others"][1] == 4 * c_layout["SOCK_OTHERS"]
+    assert c_layout["sock_info"] == conntrack.SOCK_INFO.size == 136
+    assert_mirrors(c_layout, "sock_info", conntrack.SOCK_INFO)
 
 
 def test_offsets_mirrors_the_c_struct_field_by_name(c_layout):
     # OFFSET_FIELDS are the C field names: the probe compiled with them
-    assert c_layout["offsets"] == offsetguess.OFFSETS.size == 56
+    assert c_layout["offsets"] == offsetguess.OFFSETS.size == 72
     assert_mirrors(c_layout, "offsets", offsetguess.OFFSETS)
 
 
+def test_guess_modes_are_the_c_macros(c_layout):
+    assert (c_layout["GUESS_SOCK"], c_layout["GUESS_TASK"], c_layout["GUESS_TASK_AT"],
+            c_layout["GUESS_SKB_AT"], c_layout["GUESS_SKB_BEFORE"]) == (
+        offsetguess.GUESS_SOCK, offsetguess.GUESS_TASK, offsetguess.GUESS_TASK_AT,
+        offsetguess.GUESS_SKB_AT, offsetguess.GUESS_SKB_BEFORE)
+
+
 def test_guess_req_mirrors_the_c_struct(c_layout):
-    assert c_layout["guess_req"] == offsetguess.GUESS_REQ.size == 16
+    assert c_layout["guess_req"] == offsetguess.GUESS_REQ.size == 24
     assert_mirrors(c_layout, "guess_req", offsetguess.GUESS_REQ)
 
 
@@ -161,7 +178,9 @@ def test_guess_dump_header_and_byte_areas(c_layout):
 def test_telemetry_names_follow_the_tele_indexes(c_layout):
     names = conntrack.TELEMETRY_NAMES
     assert len(names) == c_layout["TELE_MAX"]
-    for macro, name in (("TELE_CONN_LOST", "conn_lost"), ("TELE_SOCK_LOST", "sock_lost"),
+    for macro, name in (("TELE_CONN_LOST", "conn_lost"), ("TELE_CLOSED_LOST", "closed_lost"),
+                        ("TELE_BYTES_LOST", "bytes_lost"), ("TELE_UDP_LOST", "udp_lost"),
+                        ("TELE_SHARED_OVERFLOW", "shared_overflow"), ("TELE_DIRTY_LOST", "dirty_lost"),
                         ("TELE_STASH_LOST", "stash_lost"), ("TELE_TUPLE_MISMATCH", "tuple_mismatch"),
                         ("TELE_TUPLE_CHECKED", "tuple_checked"), ("TELE_READ_FAULT", "read_faults"),
                         ("TELE_PENDING_LOST", "pending_lost")):
@@ -189,6 +208,7 @@ def test_tp_fields_slots_follow_the_tpf_indexes(c_layout):
         "TPF_SSL_RET": ("sock", "sock_send_length", "ret"),
         "TPF_SSL_FLAGS": ("sock", "sock_send_length", "flags"),
         "TPF_RETRANS_SKADDR": ("tcp", "tcp_retransmit_skb", "skaddr"),
+        "TPF_RETRANS_SKBADDR": ("tcp", "tcp_retransmit_skb", "skbaddr"),
     }
     assert dict((c_layout[m], v) for m, v in want.items()) == backends.TP_FIELDS
     assert max(backends.TP_FIELDS) < c_layout["TPF_MAX"]
