@@ -49,6 +49,8 @@ TRACEPOINT_PROGRAMS = (
     ("tp_sock_recv_length", "raw_tracepoint", "sock_recv_length", "both"),
     ("tp_tcp_retransmit_skb{err}", "raw_tracepoint", "tcp_retransmit_skb", "tcp"),
     ("tp_tcp_destroy_sock", "raw_tracepoint", "tcp_destroy_sock", "tcp"),
+    ("tp_tcp_retransmit_synack", "raw_tracepoint", "tcp_retransmit_synack", "tcp"),
+    ("tp_sk_data_ready?", "raw_tracepoint", "sk_data_ready", "udp"),
     ("cg_sendmsg4", "cgroup", "sendmsg4", "udp"),
     ("cg_sendmsg6", "cgroup", "sendmsg6", "udp"),
     ("cg_recvmsg4", "cgroup", "recvmsg4", "udp"),
@@ -84,6 +86,7 @@ KPROBE_PROGRAMS = (
     ("krp_tcp_recvmsg", "kretprobe", "tcp_recvmsg", "tcp"),
     ("tp_tcp_retransmit_skb{err}", "raw_tracepoint", "tcp_retransmit_skb", "tcp"),
     ("tp_tcp_destroy_sock", "raw_tracepoint", "tcp_destroy_sock", "tcp"),
+    ("tp_tcp_retransmit_synack", "raw_tracepoint", "tcp_retransmit_synack", "tcp"),
     ("kp_udp_sendmsg", "kprobe", "udp_sendmsg", "udp"),
     ("krp_udp_sendmsg", "kretprobe", "udp_sendmsg", "udp"),
     ("kp_udpv6_sendmsg", "kprobe", "udpv6_sendmsg", "udp"),
@@ -175,6 +178,14 @@ def _wanted(need, tcp, udp):
     return need == "both" and (tcp or udp) or (need == "tcp" and tcp) or (need == "udp" and udp)
 
 
+def _raw_tracepoint_exists(name):
+    try:
+        events = os.path.join(bpfsys.tracefs(), "events")
+        return any(os.path.isdir(os.path.join(events, cat, name)) for cat in os.listdir(events))
+    except OSError:
+        return False
+
+
 def retransmit_variant():
     """"_err" when tcp:tcp_retransmit_skb carries err (6.13+: it then also
     fires for retransmits that failed before the kernel counted them)."""
@@ -190,8 +201,13 @@ def plan(backend, tcp=True, udp=True, symbols=None, version=None, err=None):
     err = retransmit_variant() if err is None and tcp else (err or "")
     if backend == "tracepoint":
         for prog, kind, target, need in TRACEPOINT_PROGRAMS:
-            if _wanted(need, tcp, udp):
-                out.append((prog.format(err=err), kind, target))
+            if not _wanted(need, tcp, udp):
+                continue
+            if prog.endswith("?"):  # optional: only where the kernel has it
+                prog = prog[:-1]
+                if not _raw_tracepoint_exists(target):
+                    continue
+            out.append((prog.format(err=err), kind, target))
         return out
     version = version or kernel_version()
     recv = "" if version >= (5, 19) else "_pre_5_19"
@@ -248,7 +264,8 @@ def run_guess(coll, backend, ipv6=True, kprobe_method="auto"):
         for prog, kind, target in GUESS_PROGRAMS[backend]:
             links.append(attach(coll, prog, kind, target, kprobe_method))
         return offsetguess.guess(coll.maps, want_protocol=(backend == "tracepoint"), ipv6=ipv6,
-                                 want_skb=(backend == "kprobe"))
+                                 want_skb=(backend == "kprobe"),
+                                 want_queues=(backend == "tracepoint"))
     finally:
         for l in links:
             l.close()

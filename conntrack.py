@@ -79,6 +79,11 @@ _LAST_NS_OFFSET = 24  # conn_stats.last_ns
 _STATE_OFFSET = 37    # conn_stats.state
 
 
+def _life(key):
+    """A record's key without its pid: the connection life it belongs to."""
+    return key[:_PID_OFFSET] + key[_PID_OFFSET + 4:]
+
+
 def sock_record(value):
     """(key, stats) of a socks entry's owner record, or None while it has
     no tuple or no owner yet."""
@@ -114,6 +119,7 @@ class ConnTable(object):
         self.dirty_lost = 0
         self.prev = {}        # key -> raw conn_stats bytes at the previous poll
         self.where = {}       # key -> struct sock address (socks records only)
+        self.siblings = {}    # life (key without pid) -> keys of other processes' records
         self.decoded = {}     # key -> decoded tuple (cache)
         self.last_poll_seconds = 0.0
         self.last_poll_full = True
@@ -200,6 +206,7 @@ class ConnTable(object):
         # compared in C (map/compress): unchanged entries cost next to nothing
         changed = list(itertools.compress(zip(keys, values),
                                           map(operator.ne, values, map(prev.get, keys))))
+        changed = self._close_siblings(changed, cur, where, gone)
         out = []
         for key, value in changed:
             sent, recv, first_ns, last_ns, retr, direction, state, _, _, comm, _, _ = CONN_STATS.unpack(value)
@@ -241,12 +248,41 @@ class ConnTable(object):
         if full and len(self.decoded) > len(cur):
             for key in self.decoded.keys() - cur.keys():
                 del self.decoded[key]
+        if full and self.siblings:
+            for life in list(self.siblings):
+                self.siblings[life] = set(k for k in self.siblings[life] if k in cur)
+                if not self.siblings[life]:
+                    del self.siblings[life]
         self.prev = cur
         self.where = where
         self.tracked = len(cur)
         self.last_poll_full = full
         self.last_poll_seconds = time.time() - start
         return out
+
+    def _close_siblings(self, changed, cur, where, gone):
+        """A record of a process that shares a socket (after fork) closes
+        with the socket's life, however many processes shared it (the kernel
+        closes the first SOCK_OTHERS itself): changed, with those records
+        closed; they are deleted from conns after this poll."""
+        ended = []
+        for k, v in changed:
+            if k[_PROTO_OFFSET] != 6:
+                continue
+            if v[_STATE_OFFSET] == STATE_CLOSED:
+                ended.append(_life(k))
+            elif k not in where:
+                self.siblings.setdefault(_life(k), set()).add(k)
+        if not ended or not self.siblings:
+            return changed
+        now = dict(changed)
+        for life in ended:
+            for k in self.siblings.pop(life, ()):
+                v = now.get(k) or cur.get(k)
+                if v is not None and v[_STATE_OFFSET] != STATE_CLOSED and k not in where:
+                    now[k] = v[:_STATE_OFFSET] + bytes([STATE_CLOSED]) + v[_STATE_OFFSET + 1:]
+                    gone.append(k)
+        return list(now.items())
 
     def _idle(self, cur, where, now_ns):
         """Keys of the conns records idle past their protocol's limit; idle

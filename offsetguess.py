@@ -24,13 +24,13 @@ import time
 import bpfsys
 
 # struct offsets in tracer.bpf.h
-OFFSETS = struct.Struct("<18I")
+OFFSETS = struct.Struct("<20I")
 OFFSET_FIELDS = ("ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state",
                  "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "gen",
-                 "task_comm", "task_leader", "skb_data", "_pad")
+                 "task_comm", "task_leader", "skb_data", "sk_rcvq", "udp_readerq", "_pad")
 # struct guess_req in tracer.bpf.h
 GUESS_REQ = struct.Struct("<QIIII")
-GUESS_SOCK, GUESS_TASK, GUESS_TASK_AT, GUESS_SKB_AT = 0, 1, 2, 3  # guess_req.mode
+GUESS_SOCK, GUESS_TASK, GUESS_TASK_AT, GUESS_SKB_AT, GUESS_QSKB_AT = 0, 1, 2, 3, 4  # guess_req.mode
 GUESS_SKB_BEFORE = 128
 # struct guess_dump in tracer.bpf.h: header, then the sk and net bytes
 GUESS_DUMP_HEAD = struct.Struct("<IIIIQ")
@@ -399,7 +399,64 @@ def _guess_skb_data(prober):
     raise GuessError("could not find the data pointer in struct sk_buff")
 
 
-def guess(maps, want_protocol=True, ipv6=True, want_skb=False):
+def _guess_udp_queues(prober):
+    """struct sock's sk_receive_queue, udp_sock's reader_queue (each a
+    struct sk_buff_head: next, prev, qlen) and sk_buff's data pointer, for
+    the source of a datagram still queued.  An empty queue points to
+    itself; the receive queue is the one that then holds our 2 datagrams;
+    after one read, the reader queue holds the other; data is the slot of
+    the queued skb that points at our payload, after our UDP header."""
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u32 = lambda d, at: struct.unpack_from("<I", d, at)[0]
+    u64 = lambda d, at: struct.unpack_from("<Q", d, at)[0]
+    try:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        b.settimeout(1.0)
+
+        def dump_b(net_off=0, mode=GUESS_SOCK):
+            got = prober.probe_with(lambda: b.sendto(b"g", a.getsockname()), net_off, mode)
+            if got is None:
+                raise GuessError("UDP queues: the guess program saw no send of ours")
+            return got
+
+        d0, _, sk = dump_b()
+        empty = [q for q in range(0, len(d0) - 24, 8)
+                 if u64(d0, q) == u64(d0, q + 8) == sk + q and u32(d0, q + 16) == 0]
+        payload = os.urandom(24)
+        a.sendto(payload, b.getsockname())
+        a.sendto(b"second", b.getsockname())
+        time.sleep(0.005)  # loopback delivers before sendto returns; to be sure
+        d2 = dump_b()[0]
+        rcvq = [q for q in empty if u32(d2, q + 16) == 2]
+        if len(rcvq) != 1:
+            raise GuessError("could not find sk_receive_queue in struct sock (%d candidates)"
+                             % len(rcvq))
+        rcvq = rcvq[0]
+        sport = struct.pack(">H", a.getsockname()[1])
+        data = None
+        for off in range(0, 256, 8):
+            at = dump_b(rcvq | (off << 16), GUESS_QSKB_AT)[0]
+            if at[GUESS_SKB_BEFORE:GUESS_SKB_BEFORE + len(payload)] == payload and \
+                    at[GUESS_SKB_BEFORE - 8:GUESS_SKB_BEFORE - 6] == sport:
+                data = off
+                break
+        if data is None:
+            raise GuessError("could not find the data pointer in struct sk_buff")
+        b.recv(64)
+        d3 = dump_b()[0]
+        readerq = [q for q in empty if q != rcvq and u32(d3, q + 16) == 1 and u32(d3, rcvq + 16) == 0]
+        if len(readerq) != 1:
+            raise GuessError("could not find reader_queue in struct udp_sock (%d candidates)"
+                             % len(readerq))
+        return rcvq, readerq[0], data
+    finally:
+        a.close()
+        b.close()
+
+
+def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False):
     """Guess the offsets with the guess program already attached; returns
     Offsets.  maps: the object's live maps (guess_req, guess_dump)."""
     start = time.time()
@@ -438,6 +495,12 @@ def guess(maps, want_protocol=True, ipv6=True, want_skb=False):
         values["net"], values["netns_inum"] = _guess_net(prober, v4_dumps[0], values["family"] + 4)
         if want_skb:
             values["skb_data"] = _guess_skb_data(prober)
+        if want_queues:
+            try:
+                values["sk_rcvq"], values["udp_readerq"], values["skb_data"] = _guess_udp_queues(prober)
+            except GuessError as e:
+                notes.append("%s: UDP read without an address on an unconnected socket is "
+                             "counted with the socket's own peer" % e)
         try:
             values["task_comm"], values["task_leader"] = _guess_task(prober)
         except GuessError as e:

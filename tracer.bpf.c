@@ -58,6 +58,11 @@ MAP(dirty, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(__u64), 65536);
 /* sockets whose life could not be tracked (socks map full): never adopted
  * later with partial counts */
 MAP(lost_socks, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(__u32), 16384);
+/* unconnected UDP sockets: the source of the datagram at the head of the
+ * receive queue, the next one a plain recv() or read() will return */
+MAP(udp_next, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct peer), 16384);
+/* SYN-ACK retransmits by tuple, until the connection is established */
+MAP(synack_retrans, BPF_MAP_TYPE_LRU_HASH, sizeof(struct conn_tuple), sizeof(__u32), 4096);
 /* index 0: the last connection life number handed out */
 MAP(life_seq, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u64), 1);
 MAP(offsets, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(struct offsets), 1);
@@ -500,6 +505,21 @@ INLINE int same_tuple(const struct conn_tuple *a, const struct conn_tuple *b)
 	       a->netns == b->netns;
 }
 
+INLINE void take_synack_retrans(struct sock_info *si)
+{
+	struct conn_tuple t;
+	__u32 *n;
+
+	__builtin_memcpy(&t, &si->tuple, sizeof(t));
+	t.pid = 0;
+	t.life = 0;
+	n = bpf_map_lookup_elem(&synack_retrans, &t);
+	if (n) {
+		si->stats.retransmits += *n;
+		bpf_map_delete_elem(&synack_retrans, &t);
+	}
+}
+
 INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 {
 	__u64 key = (__u64)sk;
@@ -529,7 +549,9 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 		 * open); anything else is an earlier life on this memory */
 		if (si && si->has_tuple && si->stats.state == CONN_OPEN && same_tuple(&si->tuple, &now))
 			return;
-		new_life(sk, o, 0, DIR_INCOMING, 1, 1); /* passive open: owner known at accept or first use */
+		si = new_life(sk, o, 0, DIR_INCOMING, 1, 1); /* passive open: owner known at accept or first use */
+		if (si)
+			take_synack_retrans(si);
 		return;
 	}
 	if (!si)
@@ -571,13 +593,36 @@ INLINE void tcp_retransmit(const void *sk, const void *skb)
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 	__u16 segs = 0;
 
-	if (!o || !si || !si->has_tuple || !si->tuple.pid)
-		return;
+	if (!o || !si)
+		return; /* SYN retransmits before our connect() entry: none */
 	if (skb)
 		kread(&segs, sizeof(segs), skb + SKB_TCP_GSO_SEGS);
 	__sync_fetch_and_add(&si->stats.retransmits, segs ? segs : 1);
-	mark_dirty(&si->tuple, &si->stats, o, key);
+	if (si->has_tuple && si->tuple.pid)
+		mark_dirty(&si->tuple, &si->stats, o, key);
 }
+
+/* SYN-ACK retransmits of a connection not yet accepted: the kernel starts
+ * the new socket's tcpi_total_retrans with them.  A request sock begins
+ * with struct sock_common, so its tuple reads like a socket's. */
+
+SEC("raw_tracepoint/tcp_retransmit_synack")
+int tp_tcp_retransmit_synack(struct raw_args *ctx)
+{
+	struct offsets *o = ready_offsets();
+	struct conn_tuple t;
+	__u32 one = 1, *n;
+
+	if (!o || read_tuple((void *)ctx->args[1], o, 0, TRACER_PROTO_TCP, &t))
+		return 0;
+	n = bpf_map_lookup_elem(&synack_retrans, &t);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else
+		bpf_map_update_elem(&synack_retrans, &t, &one, BPF_ANY);
+	return 0;
+}
+
 
 /* ------------------------------------------------------------------ */
 /* UDP */
@@ -638,6 +683,44 @@ INLINE void peer_from_skb(struct peer *p, const void *skb, struct offsets *o)
 	p->port = ((__u16)h[SKB_HDRS - 8] << 8) | h[SKB_HDRS - 7];
 }
 
+INLINE unsigned long queue_head(const void *sk, __u32 off, __u32 *qlen)
+{
+	unsigned long head = 0;
+	__u32 n = 0;
+
+	if (bpf_probe_read_kernel(&head, sizeof(head), sk + off) ||
+	    bpf_probe_read_kernel(&n, sizeof(n), sk + off + 16) || !n)
+		return 0;
+	*qlen += n;
+	return head;
+}
+
+/* Remember the source of the next datagram a read of sk will return: the
+ * head of udp_sock's reader_queue, else of sk_receive_queue (a read moves
+ * the whole receive queue to the reader queue when that is empty).  only_if:
+ * with only_if 1, leave a remembered peer alone unless the queue holds just
+ * the datagram that was queued now (the socket was empty before). */
+INLINE void note_next_peer(const void *sk, struct offsets *o, int only_if)
+{
+	__u64 key = (__u64)sk;
+	unsigned long skb, skb2;
+	__u32 qlen = 0;
+	struct peer p = {};
+
+	skb = queue_head(sk, o->udp_readerq, &qlen);
+	skb2 = queue_head(sk, o->sk_rcvq, &qlen);
+	if (!skb)
+		skb = skb2;
+	if (only_if && qlen > 1 && bpf_map_lookup_elem(&udp_next, &key))
+		return;
+	if (skb)
+		peer_from_skb(&p, (void *)skb, o);
+	if (p.family)
+		bpf_map_update_elem(&udp_next, &key, &p, BPF_ANY);
+	else
+		bpf_map_delete_elem(&udp_next, &key);
+}
+
 /* p: the message's peer (family 0: none).  Never NULL: clang turns a NULL
  * check of it into code that older verifiers (5.10, 6.1) reject. */
 INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv, struct peer *p)
@@ -688,6 +771,16 @@ INLINE void guess_dump_sk(const void *sk)
 	d = bpf_map_lookup_elem(&guess_dump, &zero);
 	if (!d)
 		return;
+	if (g->mode == GUESS_QSKB_AT) { /* the first queued datagram's bytes */
+		unsigned long skb = 0, at = 0;
+		bpf_probe_read_kernel(&skb, sizeof(skb), sk + (g->net_off & 0xffff));
+		bpf_probe_read_kernel(&at, sizeof(at), (void *)(skb + (g->net_off >> 16)));
+		d->sk = at - GUESS_SKB_BEFORE;
+		d->sk_ok = !bpf_probe_read_kernel(d->sk_bytes, GUESS_CHUNK, (void *)d->sk);
+		d->net_ok = 0;
+		d->seq = g->seq;
+		return;
+	}
 	if (g->mode != GUESS_SOCK) { /* the task_struct: process names */
 		unsigned long task = bpf_get_current_task();
 		if (g->mode == GUESS_TASK_AT) {
@@ -834,7 +927,39 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 			__builtin_memcpy(&none, &st->peer, sizeof(none));
 		bpf_map_delete_elem(&stash, &id);
 	}
+	if (o->sk_rcvq) {
+		__u16 dport = 0;
+		kread(&dport, sizeof(dport), sk + o->dport);
+		if (!dport) { /* unconnected: the peer noted when this datagram came to the head */
+			__u64 key = (__u64)sk;
+			struct peer *next = bpf_map_lookup_elem(&udp_next, &key);
+			if (!none.family) {
+				if (next)
+					__builtin_memcpy(&none, next, sizeof(none));
+				else
+					tele_add(TELE_PENDING_LOST);
+			}
+			note_next_peer(sk, o, 0);
+		}
+	}
 	udp_count(sk, o, 0, ret, &none);
+}
+
+/* A datagram (or TCP data) was queued on sk: for an unconnected UDP
+ * socket whose queue was empty, note the source of its head. */
+SEC("raw_tracepoint/sk_data_ready")
+int tp_sk_data_ready(struct raw_args *ctx)
+{
+	const void *sk = (void *)ctx->args[0];
+	struct offsets *o = ready_offsets();
+	__u16 dport = 1;
+
+	if (!o || !o->sk_rcvq || read_protocol(sk, o) != TRACER_PROTO_UDP)
+		return 0;
+	kread(&dport, sizeof(dport), sk + o->dport);
+	if (!dport)
+		note_next_peer(sk, o, 1);
+	return 0;
 }
 
 SEC("raw_tracepoint/sock_send_length")

@@ -111,7 +111,9 @@ struct offsets {
 	__u32 gen;        /* poll generation: user space bumps it at each poll */
 	__u32 task_comm;  /* struct task_struct: comm (0: unknown, use the thread's) */
 	__u32 task_leader; /* struct task_struct: group_leader */
-	__u32 skb_data;   /* struct sk_buff: data (0: unknown; kprobe backend only) */
+	__u32 skb_data;   /* struct sk_buff: data (0: unknown) */
+	__u32 sk_rcvq;    /* struct sock: sk_receive_queue (0: unknown) */
+	__u32 udp_readerq; /* struct udp_sock: reader_queue (0: unknown) */
 	__u32 _pad;
 };
 
@@ -131,6 +133,8 @@ struct guess_req {
 #define GUESS_TASK 1      /* the current task_struct, 4096 bytes over both areas */
 #define GUESS_TASK_AT 2   /* the task_struct at *(current + net_off), likewise */
 #define GUESS_SKB_AT 3    /* the sk_buff's bytes at *(skb + net_off) - GUESS_SKB_BEFORE */
+#define GUESS_QSKB_AT 4   /* the same for the skb at the head of the queue at sk + (net_off & 0xffff),
+			   * pointer at skb + (net_off >> 16) */
 #define GUESS_SKB_BEFORE 128
 
 #define GUESS_SK_BYTES 2048

@@ -48,6 +48,7 @@ PROGRAM_SECTIONS = {
     "test_tcp_v4_connect_ret": "kretprobe/tcp_v4_connect",
     "tp_inet_sock_set_state": "tracepoint/sock/inet_sock_set_state",
     "tp_sock_recv_length": "raw_tracepoint/sock_recv_length",
+    "tp_sk_data_ready": "raw_tracepoint/sk_data_ready",
     "tp_sock_send_length": "raw_tracepoint/sock_send_length",
     "tp_sys_enter_recvfrom": "tracepoint/syscalls/sys_enter_recvfrom",
     "tp_sys_enter_recvmsg": "tracepoint/syscalls/sys_enter_recvmsg",
@@ -58,6 +59,7 @@ PROGRAM_SECTIONS = {
     "tp_tcp_retransmit_skb": "raw_tracepoint/tcp_retransmit_skb",
     "tp_tcp_retransmit_skb_err": "raw_tracepoint/tcp_retransmit_skb",
     "tp_tcp_destroy_sock": "raw_tracepoint/tcp_destroy_sock",
+    "tp_tcp_retransmit_synack": "raw_tracepoint/tcp_retransmit_synack",
     "tpp_sock_recv_length": "tracepoint/sock/sock_recv_length",
     "tpp_sock_send_length": "tracepoint/sock/sock_send_length",
     "tpp_tcp_retransmit_skb": "tracepoint/tcp/tcp_retransmit_skb",
@@ -77,7 +79,9 @@ MAPS = {
     "stash": (LRU_HASH, 8, 72, 16384, 0),
     "lost_socks": (LRU_HASH, 8, 4, 16384, 0),
     "life_seq": (ARRAY, 4, 8, 1, 0),
-    "offsets": (ARRAY, 4, 72, 1, 0),
+    "offsets": (ARRAY, 4, 80, 1, 0),
+    "udp_next": (LRU_HASH, 8, 24, 16384, 0),
+    "synack_retrans": (LRU_HASH, 52, 4, 4096, 0),
     "telemetry": (ARRAY, 4, 8, 11, 0),
     "tp_fields": (ARRAY, 4, 4, 24, 0),
     "guess_req": (ARRAY, 4, 24, 1, 0),
@@ -208,7 +212,7 @@ def test_program_code_is_the_function_symbol_bytes(spec, data):
 
 def test_every_program_the_backends_attach_is_in_the_object(spec):
     for prog, kind, target, _ in backends.TRACEPOINT_PROGRAMS:
-        for variant in set([prog.format(err=""), prog.format(err="_err")]):
+        for variant in set([prog.rstrip("?").format(err=""), prog.rstrip("?").format(err="_err")]):
             assert (spec.programs[variant].kind, spec.programs[variant].target) == (kind, target)
     for prog, kind, target in backends.SYSCALL_FALLBACK:
         assert (spec.programs[prog].kind, spec.programs[prog].target) == (kind, target)

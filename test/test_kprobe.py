@@ -167,3 +167,28 @@ def test_both_backends_agree_on_the_same_traffic(tracer_kp):
         a, b = matrix.agree(mine(kcol), mine(tcol))
         assert len(a) == 8
         assert a == b
+
+
+# how connections end (test/endings.py), run here against this module's `col`
+# (the retransmit test needs nf_tables, which the guests' initramfs lacks)
+from endings import (test_half_close_client_reads_the_reply_to_eof,  # noqa: F401,E402
+                     test_half_closed_connection_stays_open_until_tcp_close,
+                     test_both_sides_half_close_then_read_to_eof, test_reset_with_unread_data,
+                     test_reset_during_a_blocking_send,
+                     test_tuple_reused_within_one_interval_is_two_records,
+                     test_one_socket_two_lives_through_connect_af_unspec,
+                     test_socket_shared_after_fork_one_record_per_process,
+                     test_socket_shared_by_many_processes_all_records_close,
+                     test_last_holders_of_shared_sockets_that_never_did_io_have_no_record,
+                     test_owner_exits_without_closing, test_udp_peer_of_every_datagram_is_its_own,
+                     test_udp_server_has_one_record_per_client,
+                     test_comm_is_the_process_name_not_the_threads,
+                     test_conn_lost_counts_each_side_the_full_table_could_not_hold,
+                     test_short_connections_are_reported_once_closed_with_all_bytes)
+
+
+def test_churn_of_mixed_endings_every_side_exact(col):
+    """150 connection lives of mixed endings (Python runs 10-20x slower in
+    the guest): every side exactly one record (test/churn.py)."""
+    import churn
+    churn.check(col, n=150, clients=2, servers=1)
