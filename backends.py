@@ -102,6 +102,11 @@ GUESS_PROGRAMS = {
 }
 
 
+# tasks that can be inside one kretprobed function at once (tracefs r<N>:
+# the kernel's limit is 4096); blocking sends and receives hold one each
+KRETPROBE_MAXACTIVE = min(4096, max(512, 64 * (os.cpu_count() or 1)))
+
+
 class BackendError(RuntimeError):
     pass
 
@@ -239,7 +244,13 @@ def attach(coll, prog, kind, target, kprobe_method="auto", cgroup=None):
     if kind == "tracepoint":
         category, name = target.split("/", 1)
         return bpfsys.attach_tracepoint(p, category, name)
-    return bpfsys.attach_kprobe(p, target, retprobe=(kind == "kretprobe"), method=kprobe_method)
+    retprobe = kind == "kretprobe"
+    # a kretprobe holds an instance per task inside the function; a task
+    # that finds none free is missed (its bytes lost).  The kprobe PMU takes
+    # the kernel's default (10 or 2 per CPU): tracefs can ask for more.
+    maxactive = KRETPROBE_MAXACTIVE if retprobe and kprobe_method != "pmu" else 0
+    return bpfsys.attach_kprobe(p, target, retprobe=retprobe, maxactive=maxactive,
+                                method=kprobe_method)
 
 
 def fill_tp_fields(tp_fields_map, needed_events):

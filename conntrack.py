@@ -28,6 +28,8 @@ SOCK_INFO_TUPLE = slice(0, CONN_TUPLE.size)
 SOCK_INFO_STATS = slice(CONN_TUPLE.size + 4, CONN_TUPLE.size + 4 + CONN_STATS.size)
 _HAS_TUPLE = struct.Struct("<I")
 _PID_OFFSET = 36          # conn_tuple.pid
+_SOCK_ID = 8              # the length of a socks entry's id: its struct sock address
+_NO_SOCK = bytes(8)       # dirty map value of a record in conns
 _PROTO_OFFSET = 45        # conn_tuple.proto
 
 PROTO_NAMES = {6: "tcp", 17: "udp"}
@@ -84,25 +86,18 @@ def _life(key):
     return key[:_PID_OFFSET] + key[_PID_OFFSET + 4:]
 
 
-def sock_record(value):
-    """(key, stats) of a socks entry's owner record, or None while it has
-    no tuple or no owner yet."""
-    if not _HAS_TUPLE.unpack_from(value, CONN_TUPLE.size)[0]:
-        return None
-    key = value[SOCK_INFO_TUPLE]
-    if not key[_PID_OFFSET:_PID_OFFSET + 4].strip(b"\0"):
-        return None
-    return key, value[SOCK_INFO_STATS]
-
-
 class ConnTable(object):
-    """Polls the records of the conns map (UDP flows, ended TCP lives, other
-    processes' use of a shared socket) and of the socks map (each TCP
-    socket's current life, its owner's counters).  With a dirty map (the
-    records the kernel changed since the poll generation began, and where
-    each lives) a poll reads only what changed; every full_every seconds,
-    or when the dirty set could not keep up, it reads both tables whole
-    (which also expires idle entries)."""
+    """Polls the records of the socks map (each TCP socket's current life,
+    with its owner's counters) and of the conns map (UDP flows, ended TCP
+    lives, other processes' use of a shared socket).
+
+    Entries are held by id: the socket address (8 bytes) for a socks
+    entry, the record's key (52 bytes) for a conns entry, so that telling
+    what changed is a C-level comparison of raw values; only changed
+    entries are decoded.  With a dirty map (the records the kernel changed
+    since the poll generation began, and where each lives) a poll reads
+    only those; every full_every seconds, or when the dirty set could not
+    keep up, it reads both tables whole and expires idle entries."""
 
     def __init__(self, conns, socks, udp_idle=30.0, tcp_idle=600.0, dirty=None, set_gen=None):
         self.conns = conns
@@ -117,8 +112,9 @@ class ConnTable(object):
         self.next_full_ns = 0
         self.drained_prev = {}
         self.dirty_lost = 0
-        self.prev = {}        # key -> raw conn_stats bytes at the previous poll
-        self.where = {}       # key -> struct sock address (socks records only)
+        self.prev = {}        # id -> raw value (sock_info or conn_stats) at the previous poll
+        self.sock_of = {}     # record key -> socket id, for records seen in socks
+        self.active = {}      # id -> monotonic ns of the last poll that saw it change
         self.siblings = {}    # life (key without pid) -> keys of other processes' records
         self.decoded = {}     # key -> decoded tuple (cache)
         self.last_poll_seconds = 0.0
@@ -138,7 +134,7 @@ class ConnTable(object):
         except bpfsys.BPFError:
             self.dirty = None  # no LOOKUP_AND_DELETE_BATCH (before 5.6): full reads
             return None
-        drained = dict(zip(keys, (int.from_bytes(v, "little") for v in values)))
+        drained = dict(zip(keys, values))
         look = dict(self.drained_prev)
         look.update(drained)
         self.drained_prev = drained
@@ -147,31 +143,17 @@ class ConnTable(object):
             return None
         return look
 
-    def _read_all(self):
-        """{key: stats} of every record, and {key: sk} of those in socks."""
-        keys, values = self.conns.read_all()
-        cur = dict(zip(keys, values))
-        where = {}
-        skeys, svalues = self.socks.read_all()
-        for sk, v in zip(skeys, svalues):
-            rec = sock_record(v)
-            if rec is not None:
-                cur[rec[0]] = rec[1]
-                where[rec[0]] = int.from_bytes(sk, "little")
-        return cur, where
-
-    def _lookup(self, key, sk):
-        """(stats, sk or 0) of one record, wherever it is now; None if gone."""
-        if sk:
-            v = self.socks.lookup(sk.to_bytes(8, "little"))
+    def _read_dirty(self, look, cur):
+        """Read the records named in look ({key: socket address}) into cur."""
+        for key, sk in look.items():
+            if sk != _NO_SOCK:
+                v = self.socks.lookup(sk)
+                if v is not None and v[SOCK_INFO_TUPLE] == key:
+                    cur[sk] = v
+                    continue
+            v = self.conns.lookup(key)
             if v is not None:
-                rec = sock_record(v)
-                if rec is not None and rec[0] == key:
-                    return rec[1], sk
-        v = self.conns.lookup(key)
-        if v is not None:
-            return v, 0
-        return None
+                cur[key] = v
 
     def poll(self, include=None, dirty_lost=0):
         """Connections active since the previous poll (include: a filter
@@ -181,124 +163,187 @@ class ConnTable(object):
         look = None
         if self.dirty is not None:
             look = self._next_generation(dirty_lost)
-        full = look is None or now_ns >= self.next_full_ns or len(look) > max(1024, len(self.prev) // 4)
+        # the whole tables only at the first poll, without a dirty map, or
+        # when it overflowed; else what the kernel marked
+        full = look is None or len(look) > max(1024, len(self.prev) // 4)
         prev = self.prev
         if full:
-            cur, where = self._read_all()
-            keys, values = list(cur.keys()), list(cur.values())
-            self.next_full_ns = now_ns + self.full_every_ns
+            keys, values = self.conns.read_all()
+            cur = dict(zip(keys, values))
+            keys, values = self.socks.read_all()
+            cur.update(zip(keys, values))
+            fresh = cur
         else:
-            keys, values = [], []
-            cur, where = prev, self.where
-            for k, sk in look.items():
-                got = self._lookup(k, sk or where.get(k, 0))
-                if got is None:
-                    continue
-                keys.append(k)
-                values.append(got[0])
-                if got[1]:
-                    where[k] = got[1]
-                else:
-                    where.pop(k, None)
-        # records in conns that ended: reported (if changed), then deleted
-        gone = [k for k, v in zip(keys, values)
-                if k not in where and v[_STATE_OFFSET] == STATE_CLOSED]
+            fresh = {}
+            self._read_dirty(look, fresh)
         # compared in C (map/compress): unchanged entries cost next to nothing
-        changed = list(itertools.compress(zip(keys, values),
-                                          map(operator.ne, values, map(prev.get, keys))))
-        changed = self._close_siblings(changed, cur, where, gone)
-        out = []
-        for key, value in changed:
-            sent, recv, first_ns, last_ns, retr, direction, state, _, _, comm, _, _ = CONN_STATS.unpack(value)
-            old = prev.get(key)
-            if old is not None:
-                o_sent, o_recv, _, _, o_retr, _, o_state, _, _, _, _, _ = CONN_STATS.unpack(old)
-                if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state):
-                    continue
-            else:
-                o_sent = o_recv = o_retr = 0
-            closed = state == STATE_CLOSED
-            tup = self.decoded.get(key)
-            if tup is None:
-                tup = self.decoded[key] = decode_tuple(key)
-            c = Conn()
-            c.key = key
-            (c.proto, c.family, c.pid, c.laddr, c.lport, c.raddr, c.rport, c.netns) = tup
-            c.type = "conn"
-            c.time = round(start, 3)
-            c.comm = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-            c.sent_bytes, c.recv_bytes, c.retransmits = sent, recv, retr
-            c.sent_delta = sent - o_sent
-            c.recv_delta = recv - o_recv
-            c.state = "closed" if closed else "open"
-            c.direction = DIRECTIONS.get(direction, "unknown")
-            c.first_seen = old is None
-            if include is None or include(c):
-                out.append(c)
-        if not full:
-            cur.update(changed)
-        out.sort(key=lambda c: c.key)
+        ids = list(fresh.keys())
+        changed = list(itertools.compress(ids, map(operator.ne, map(fresh.get, ids), map(prev.get, ids))))
         if full:
-            gone.extend(self._idle(cur, where, now_ns))
+            before = prev
+        else:  # what the changed entries held, before cur (= prev, updated in place) moves on
+            before = dict((i, prev.get(i)) for i in changed)
+            for i in changed:
+                sk = self.sock_of.get(i) if len(i) != _SOCK_ID else None
+                if sk is not None:
+                    before[sk] = prev.get(sk)
+            cur = prev
+            cur.update(fresh)
+        recs, gone = self._records(changed, cur, before)
+        recs = self._close_siblings(recs, cur, gone)
+        out = []
+        for key, stats, old in recs:
+            c = self._conn(key, stats, old, start)
+            if c is not None and (include is None or include(c)):
+                out.append(c)
+        out.sort(key=lambda c: c.key)
+        # expiry: on the values this process holds (the kernel marks every
+        # change, so an entry idle here is idle there), every full_every
+        expire = now_ns >= self.next_full_ns
+        if expire:
+            self.next_full_ns = now_ns + self.full_every_ns
+            gone.extend(self._idle(cur, now_ns))
         if gone:
             self.conns.delete_keys(gone)
         for key in gone:
             cur.pop(key, None)
             self.decoded.pop(key, None)
-        if full and len(self.decoded) > len(cur):
-            for key in self.decoded.keys() - cur.keys():
-                del self.decoded[key]
-        if full and self.siblings:
-            for life in list(self.siblings):
-                self.siblings[life] = set(k for k in self.siblings[life] if k in cur)
-                if not self.siblings[life]:
-                    del self.siblings[life]
+        if full or expire:
+            self._prune(cur)
         self.prev = cur
-        self.where = where
         self.tracked = len(cur)
         self.last_poll_full = full
         self.last_poll_seconds = time.time() - start
         return out
 
-    def _close_siblings(self, changed, cur, where, gone):
+    def _records(self, changed, cur, prev):
+        """[(key, stats, old stats or None)] of the changed entries, and the
+        conns keys of ended records (deleted once reported)."""
+        out, gone = [], []
+        active, now_ns = self.active, monotonic_ns()
+        for i in changed:
+            v = cur[i]
+            old = prev.get(i)
+            active[i] = now_ns
+            if len(i) == _SOCK_ID:
+                if not _HAS_TUPLE.unpack_from(v, CONN_TUPLE.size)[0]:
+                    continue
+                key = v[SOCK_INFO_TUPLE]
+                if not key[_PID_OFFSET:_PID_OFFSET + 4].strip(b"\0"):
+                    continue  # incoming, not claimed by a process yet
+                self.sock_of[key] = i
+                stats = v[SOCK_INFO_STATS]
+                old = old[SOCK_INFO_STATS] if old is not None and old[SOCK_INFO_TUPLE] == key else None
+            else:
+                key, stats = i, v
+                if old is None:  # an ended life that left socks since the last poll
+                    sk = self.sock_of.pop(key, None)
+                    was = prev.get(sk) if sk is not None else None
+                    if was is not None and was[SOCK_INFO_TUPLE] == key:
+                        old = was[SOCK_INFO_STATS]
+                    now = cur.get(sk) if sk is not None else None
+                    if now is not None and now[SOCK_INFO_TUPLE] == key:
+                        del cur[sk]  # the socket's entry is gone from the kernel
+                if v[_STATE_OFFSET] == STATE_CLOSED:
+                    gone.append(key)
+            out.append((key, stats, old))
+        return out, gone
+
+    def _conn(self, key, value, old, start):
+        """The record of one changed entry, or None if nothing it reports
+        moved."""
+        sent, recv, first_ns, last_ns, retr, direction, state, _, _, comm, _, _ = CONN_STATS.unpack(value)
+        if old is not None:
+            o_sent, o_recv, _, _, o_retr, _, o_state, _, _, _, _, _ = CONN_STATS.unpack(old)
+            if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state):
+                return None
+        else:
+            o_sent = o_recv = 0
+        tup = self.decoded.get(key)
+        if tup is None:
+            tup = self.decoded[key] = decode_tuple(key)
+        c = Conn()
+        c.key = key
+        (c.proto, c.family, c.pid, c.laddr, c.lport, c.raddr, c.rport, c.netns) = tup
+        c.type = "conn"
+        c.time = round(start, 3)
+        c.comm = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+        c.sent_bytes, c.recv_bytes, c.retransmits = sent, recv, retr
+        c.sent_delta = sent - o_sent
+        c.recv_delta = recv - o_recv
+        c.state = "closed" if state == STATE_CLOSED else "open"
+        c.direction = DIRECTIONS.get(direction, "unknown")
+        c.first_seen = old is None
+        return c
+
+    def _close_siblings(self, recs, cur, gone):
         """A record of a process that shares a socket (after fork) closes
         with the socket's life, however many processes shared it (the kernel
-        closes the first SOCK_OTHERS itself): changed, with those records
+        closes the first SOCK_OTHERS itself): recs, with those records
         closed; they are deleted from conns after this poll."""
         ended = []
-        for k, v in changed:
-            if k[_PROTO_OFFSET] != 6:
+        for key, stats, _ in recs:
+            if key[_PROTO_OFFSET] != 6:
                 continue
-            if v[_STATE_OFFSET] == STATE_CLOSED:
-                ended.append(_life(k))
-            elif k not in where:
-                self.siblings.setdefault(_life(k), set()).add(k)
+            if stats[_STATE_OFFSET] == STATE_CLOSED:
+                ended.append(_life(key))
+            elif key in cur:  # an open conns record of TCP: a process sharing a socket
+                self.siblings.setdefault(_life(key), set()).add(key)
         if not ended or not self.siblings:
-            return changed
-        now = dict(changed)
+            return recs
+        now = dict((key, (stats, old)) for key, stats, old in recs)
         for life in ended:
             for k in self.siblings.pop(life, ()):
-                v = now.get(k) or cur.get(k)
-                if v is not None and v[_STATE_OFFSET] != STATE_CLOSED and k not in where:
-                    now[k] = v[:_STATE_OFFSET] + bytes([STATE_CLOSED]) + v[_STATE_OFFSET + 1:]
+                stats, old = now.get(k) or (cur.get(k), cur.get(k))
+                if stats is not None and stats[_STATE_OFFSET] != STATE_CLOSED:
+                    closed = stats[:_STATE_OFFSET] + bytes([STATE_CLOSED]) + stats[_STATE_OFFSET + 1:]
+                    now[k] = (closed, old)
                     gone.append(k)
-        return list(now.items())
+        return [(k, s, o) for k, (s, o) in now.items()]
 
-    def _idle(self, cur, where, now_ns):
+    def _idle(self, cur, now_ns):
         """Keys of the conns records idle past their protocol's limit; idle
-        socks records are deleted here (and dropped from cur)."""
+        socks entries are deleted here (and dropped from cur).  Idle: no
+        counter moved in any poll since the limit (the kernel marks every
+        change, and reads no clock on the hot path)."""
         udp_before, tcp_before = now_ns - self.udp_idle_ns, now_ns - self.tcp_idle_ns
-        unpack = _LAST_NS.unpack_from
-        idle = []
-        for key, value in cur.items():
-            last = unpack(value, _LAST_NS_OFFSET)[0]
-            if last < (tcp_before if key[_PROTO_OFFSET] == 6 else udp_before):
-                idle.append(key)
-        self.expired += len(idle)
-        socks = [k for k in idle if k in where]
-        if socks:
-            self.socks.delete_keys([where.pop(k).to_bytes(8, "little") for k in socks])
-            for k in socks:
-                cur.pop(k, None)
-                self.decoded.pop(k, None)
-        return [k for k in idle if k in cur]
+        active = self.active
+        idle_socks, idle = [], []
+        for i in cur:
+            t = active.get(i)
+            if t is None:
+                active[i] = now_ns
+            elif len(i) == _SOCK_ID:
+                if t < tcp_before:
+                    idle_socks.append(i)
+            elif t < (tcp_before if i[_PROTO_OFFSET] == 6 else udp_before):
+                idle.append(i)
+        # only entries the kernel still holds as they were (not a new life)
+        idle_socks = [i for i in idle_socks if self.socks.lookup(i) in (cur[i], None)]
+        if idle_socks:
+            self.socks.delete_keys(idle_socks)
+            for i in idle_socks:
+                cur.pop(i, None)
+        for i in idle_socks + idle:
+            active.pop(i, None)
+        self.expired += len(idle) + len(idle_socks)
+        return idle
+
+    def _prune(self, cur):
+        """After a full read: forget what no longer exists."""
+        if len(self.decoded) > len(cur):
+            keys = set(k for k in cur if len(k) != _SOCK_ID)
+            keys.update(v[SOCK_INFO_TUPLE] for k, v in cur.items() if len(k) == _SOCK_ID)
+            for key in self.decoded.keys() - keys:
+                del self.decoded[key]
+        if len(self.sock_of) > len(cur):
+            for key, sk in list(self.sock_of.items()):
+                if sk not in cur:
+                    del self.sock_of[key]
+        if len(self.active) > len(cur):
+            for i in self.active.keys() - cur.keys():
+                del self.active[i]
+        for life in list(self.siblings):
+            self.siblings[life] = set(k for k in self.siblings[life] if k in cur)
+            if not self.siblings[life]:
+                del self.siblings[life]

@@ -24,10 +24,12 @@ import time
 import bpfsys
 
 # struct offsets in tracer.bpf.h
-OFFSETS = struct.Struct("<20I")
+OFFSETS = struct.Struct("<22I")
 OFFSET_FIELDS = ("ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state",
                  "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "gen",
-                 "task_comm", "task_leader", "skb_data", "sk_rcvq", "udp_readerq", "_pad")
+                 "task_comm", "task_leader", "skb_data", "sk_rcvq", "udp_readerq",
+                 "want", "pid_filter", "port_filter")
+WANT_TCP, WANT_UDP, WANT_V4, WANT_V6 = 1, 2, 4, 8  # offsets.want
 # struct guess_req in tracer.bpf.h
 GUESS_REQ = struct.Struct("<QIIII")
 GUESS_SOCK, GUESS_TASK, GUESS_TASK_AT, GUESS_SKB_AT, GUESS_QSKB_AT = 0, 1, 2, 3, 4  # guess_req.mode
@@ -59,9 +61,12 @@ class Offsets(object):
     def ipv6(self):
         return bool(self.values.get("ipv6"))
 
+    filters = {}  # want, pid_filter, port_filter: set by the tracer, not guessed
+
     def pack(self, gen=0):
-        """struct offsets, with the poll generation gen."""
-        return OFFSETS.pack(*[gen if f == "gen" else self.values.get(f, 0) for f in OFFSET_FIELDS])
+        """struct offsets, with the poll generation gen and the filters."""
+        return OFFSETS.pack(*[gen if f == "gen" else self.filters.get(f, self.values.get(f, 0))
+                              for f in OFFSET_FIELDS])
 
     def as_dict(self):
         return dict((k, v) for k, v in self.values.items() if not k.startswith("_"))

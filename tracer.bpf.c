@@ -55,9 +55,13 @@ MAP(stash, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct stash), 16384);
  * (value: the struct sock address of a socks entry, 0 for conns): the
  * poll drains it, so a poll costs what changed, not the table size. */
 MAP(dirty, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(__u64), 65536);
-/* sockets whose life could not be tracked (socks map full): never adopted
- * later with partial counts */
-MAP(lost_socks, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(__u32), 16384);
+/* TCP sockets not to track: their life found the socks map full
+ * (SKIP_LOST: never adopted later with partial counts, their bytes are
+ * counted lost) or the filters exclude them (SKIP_FILTERED: their events
+ * end after this lookup).  Until the kernel destroys the socket. */
+MAP(skip_socks, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(__u32), 16384);
+#define SKIP_LOST 1
+#define SKIP_FILTERED 2
 /* unconnected UDP sockets: the source of the datagram at the head of the
  * receive queue, the next one a plain recv() or read() will return */
 MAP(udp_next, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct peer), 16384);
@@ -246,6 +250,26 @@ INLINE __u16 read_protocol(const void *sk, struct offsets *o)
 	return proto;
 }
 
+/* The filters given to the tracer: 0 when t is not to be stored.  A pid
+ * of 0 (owner not known yet), or no tuple yet (family 0: connect() before
+ * its port is chosen), passes for now. */
+INLINE int wanted(struct offsets *o, const struct conn_tuple *t)
+{
+	__u32 want = o->want;
+
+	if (want) {
+		if (!(want & (t->proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
+			return 0;
+		if (t->family && !(want & (t->family == 4 ? WANT_V4 : WANT_V6)))
+			return 0;
+	}
+	if (o->pid_filter && t->pid && t->pid != o->pid_filter)
+		return 0;
+	if (o->port_filter && t->family && t->sport != o->port_filter && t->dport != o->port_filter)
+		return 0; /* (a connect's ports are checked once known) */
+	return 1;
+}
+
 /* Put t in the dirty set, once per poll generation.  where: the struct
  * sock address when the record lives in socks, 0 when in conns. */
 INLINE void mark_dirty(const struct conn_tuple *t, struct conn_stats *s, struct offsets *o, __u64 where)
@@ -296,7 +320,7 @@ INLINE void add_bytes(const struct conn_tuple *t, struct conn_stats *s, struct o
 		__sync_fetch_and_add(&s->sent_bytes, sent);
 	if (recv)
 		__sync_fetch_and_add(&s->recv_bytes, recv);
-	s->last_ns = bpf_ktime_get_ns();
+	/* no clock read here: user space tells idle entries by their counters */
 	mark_dirty(t, s, o, where);
 }
 
@@ -387,13 +411,19 @@ INLINE struct sock_info *new_life(const void *sk, struct offsets *o, __u32 pid, 
 		fresh.has_tuple = 1;
 	} else {
 		fresh.tuple.pid = pid;
+		fresh.tuple.proto = TRACER_PROTO_TCP;
 	}
+	if (!wanted(o, &fresh.tuple)) {
+		bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_FILTERED}, BPF_ANY);
+		return 0;
+	}
+	bpf_map_delete_elem(&skip_socks, &key); /* an earlier life on this memory */
 	fresh.tuple.life = next_life();
 	init_stats(&fresh.stats, dir, pid != 0, o);
 	fresh.stats.seen_start = seen_start;
 	if (bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST)) {
 		tele_add(TELE_CONN_LOST);
-		bpf_map_update_elem(&lost_socks, &key, &fresh.tuple.life, BPF_ANY);
+		bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_LOST}, BPF_ANY);
 		return 0;
 	}
 	si = bpf_map_lookup_elem(&socks, &key);
@@ -418,7 +448,7 @@ INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u32 tgi
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 
 	if (!si) {
-		if (bpf_map_lookup_elem(&lost_socks, &key))
+		if (bpf_map_lookup_elem(&skip_socks, &key))
 			return 0;
 		if (read_state(sk, o) == TCP_CLOSE)
 			return 0; /* the tuple is gone: nothing to name it by */
@@ -434,6 +464,11 @@ INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u32 tgi
 		si->has_tuple = 1;
 	}
 	if (si->tuple.pid == 0) {
+		if (o->pid_filter && tgid != o->pid_filter) { /* not the process traced */
+			bpf_map_delete_elem(&socks, &key);
+			bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_FILTERED}, BPF_ANY);
+			return 0;
+		}
 		si->tuple.pid = tgid;
 		process_comm(si->stats.comm, o);
 		mark_dirty(&si->tuple, &si->stats, o, key);
@@ -451,6 +486,8 @@ INLINE void count_other(struct sock_info *si, struct offsets *o, __u32 tgid, __u
 
 	__builtin_memcpy(&t, &si->tuple, sizeof(t));
 	t.pid = tgid;
+	if (!wanted(o, &t))
+		return;
 	s = bpf_map_lookup_elem(&conns, &t);
 	if (!s) {
 #pragma unroll
@@ -487,9 +524,12 @@ INLINE void tcp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct sock_info *si = claim_sock(sk, o, tgid, DIR_UNKNOWN);
+	__u64 key = (__u64)sk;
 
-	if (!si) {
-		tele_addn(TELE_BYTES_LOST, sent + recv);
+	if (!si) { /* filtered out, or lost */
+		__u32 *skip = bpf_map_lookup_elem(&skip_socks, &key);
+		if (skip && *skip == SKIP_LOST)
+			tele_addn(TELE_BYTES_LOST, sent + recv);
 		return;
 	}
 	if (si->tuple.pid == tgid)
@@ -538,10 +578,15 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 				return;
 			si->tuple.life = life;
 			si->has_tuple = 1;
+			if (!wanted(o, &si->tuple)) { /* filtered out (family, port) */
+				bpf_map_delete_elem(&socks, &key);
+				bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_FILTERED}, BPF_ANY);
+				return;
+			}
 			mark_dirty(&si->tuple, &si->stats, o, key);
 			return;
 		}
-		if (!si && bpf_map_lookup_elem(&lost_socks, &key))
+		if (!si && bpf_map_lookup_elem(&skip_socks, &key))
 			return; /* its connect() found the table full: counted then */
 		if (read_tuple(sk, o, 0, TRACER_PROTO_TCP, &now))
 			return;
@@ -578,7 +623,7 @@ INLINE void tcp_destroy(const void *sk)
 	if (si)
 		end_life(key, si, o);
 	else
-		bpf_map_delete_elem(&lost_socks, &key);
+		bpf_map_delete_elem(&skip_socks, &key);
 }
 
 /* struct sk_buff: cb[] at 40 since 4.x (x86-64); struct tcp_skb_cb:
@@ -728,7 +773,11 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 	struct conn_tuple t;
 	struct conn_stats *s;
 
-	if (read_tuple(sk, o, bpf_get_current_pid_tgid() >> 32, TRACER_PROTO_UDP, &t))
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	if (o->pid_filter && tgid != o->pid_filter)
+		return; /* before reading anything */
+	if (read_tuple(sk, o, tgid, TRACER_PROTO_UDP, &t))
 		return;
 	if (p->family && t.dport == 0) { /* unconnected: the message's peer */
 		if (p->family == 6 || t.family == 6) {
@@ -749,6 +798,8 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 		}
 		t.dport = p->port;
 	}
+	if (!wanted(o, &t))
+		return;
 	s = get_stats(&t, sent ? DIR_OUTGOING : DIR_INCOMING, o, TELE_UDP_LOST);
 	if (s)
 		add_bytes(&t, s, o, sent, recv, 0);
@@ -873,6 +924,24 @@ int guess_tcp_sendmsg(struct pt_regs *ctx)
 /* tracepoint backend */
 
 /* Process context: after sock_sendmsg()'s protocol handler returned ret. */
+/* The hot path: bytes of a TCP socket whose life is tracked, moved by its
+ * owner: one lookup (the socket's own entry holds the counters).  Any
+ * other case of a socket in socks takes tcp_count's longer way.  0: not a
+ * tracked TCP socket. */
+INLINE int tcp_fast(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
+{
+	__u64 key = (__u64)sk;
+	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
+
+	if (!si)
+		return 0;
+	if (si->has_tuple && si->tuple.pid == (__u32)(bpf_get_current_pid_tgid() >> 32))
+		add_bytes(&si->tuple, &si->stats, o, sent, recv, key);
+	else
+		tcp_count(sk, o, sent, recv);
+	return 1;
+}
+
 INLINE void on_send_length(const void *sk, long ret)
 {
 	struct offsets *o = ready_offsets();
@@ -881,9 +950,11 @@ INLINE void on_send_length(const void *sk, long ret)
 	struct peer peer = {};
 	__u16 proto;
 
-	if (!o)
+	if (!o || (ret > 0 && tcp_fast(sk, o, ret, 0)))
 		return;
 	proto = read_protocol(sk, o);
+	if (o->want && !(o->want & (proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
+		return;
 	if (proto == TRACER_PROTO_UDP) {
 		st = bpf_map_lookup_elem(&stash, &id);
 		if (st) /* a copy: no pointer into a maybe-NULL map value */
@@ -907,9 +978,11 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 	struct peer none = {};
 	__u16 proto;
 
-	if (!o || ret <= 0 || (flags & MSG_PEEK))
+	if (!o || ret <= 0 || (flags & MSG_PEEK) || tcp_fast(sk, o, 0, ret))
 		return;
 	proto = read_protocol(sk, o);
+	if (o->want && !(o->want & (proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
+		return;
 	if (proto == TRACER_PROTO_TCP) {
 		tcp_count(sk, o, 0, ret);
 		return;

@@ -114,8 +114,16 @@ struct offsets {
 	__u32 skb_data;   /* struct sk_buff: data (0: unknown) */
 	__u32 sk_rcvq;    /* struct sock: sk_receive_queue (0: unknown) */
 	__u32 udp_readerq; /* struct udp_sock: reader_queue (0: unknown) */
-	__u32 _pad;
+	/* filters, applied before anything is stored (0: no filter) */
+	__u32 want;       /* WANT_* bits: what to trace */
+	__u32 pid_filter; /* only this process (tgid) */
+	__u32 port_filter; /* only connections with this local or remote port */
 };
+
+#define WANT_TCP 1
+#define WANT_UDP 2
+#define WANT_V4 4
+#define WANT_V6 8
 
 /* guess_req map, index 0: what the guessing thread asks for.
  * Python: GUESS_REQ in offsetguess.py. */

@@ -97,6 +97,11 @@ class Tracer(object):
             raise TracerError("offset guessing could not attach: %s" % e)
         except offsetguess.GuessError as e:
             raise TracerError("offset guessing failed: %s" % e)
+        # the filters, applied in the kernel: filtered-out traffic creates no entry
+        self.offsets.filters = {
+            "want": ((offsetguess.WANT_TCP if self.tcp else 0) | (offsetguess.WANT_UDP if self.udp else 0)
+                     | (offsetguess.WANT_V4 if self.ipv4 else 0) | (offsetguess.WANT_V6 if self.ipv6 else 0)),
+            "pid_filter": self.pid or 0, "port_filter": self.port or 0}
         self._coll.maps["offsets"].update(b"\0\0\0\0", self.offsets.pack())
         try:
             self.attach_notes = []

@@ -134,6 +134,38 @@ static void udp_server(int fd, size_t size)
 	(void)size;
 }
 
+#include <sys/syscall.h>
+
+/* Unrelated work: getpid() (a bare syscall) or a 1-byte pipe write + read,
+ * in a loop on one CPU; the same output line, one "round trip" per op. */
+static int unrelated(const char *what, double seconds, int cpu)
+{
+	int p[2], isgetpid = !strcmp(what, "getpid");
+	long n = 0;
+	char c = 'x';
+	pin(cpu);
+	if (!isgetpid && pipe(p) < 0)
+		die("pipe");
+	long long c0 = run_ns(getpid());
+	double t0 = now(), t;
+	do {
+		for (int i = 0; i < 1000; i++) {
+			if (isgetpid) {
+				syscall(SYS_getpid);
+			} else if (write(p[1], &c, 1) != 1 || read(p[0], &c, 1) != 1) {
+				die("pipe write/read");
+			}
+		}
+		n += 1000;
+		t = now();
+	} while (t - t0 < seconds);
+	long long c1 = run_ns(getpid());
+	printf("proto=%s size=1 cpu=%d round_trips=%ld seconds=%.3f rate=%.0f ns_per_rt=%.1f cpu_ns_per_rt=%.1f\n",
+	       what, cpu, n, t - t0, n / (t - t0), (t - t0) * 1e9 / n,
+	       c0 >= 0 && c1 >= 0 ? (double)(c1 - c0) / n : -1.0);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	long rounds = 0;
@@ -142,8 +174,19 @@ int main(int argc, char **argv)
 	size_t size = 64;
 	char buf[65536];
 
+	if (argc >= 2 && (!strcmp(argv[1], "getpid") || !strcmp(argv[1], "pipe"))) {
+		optind = 2;
+		seconds = 1;
+		while ((opt = getopt(argc, argv, "n:t:c:s:")) != -1) {
+			if (opt == 't')
+				seconds = atof(optarg);
+			else if (opt == 'c')
+				cpu = atoi(optarg);
+		}
+		return unrelated(argv[1], seconds, cpu);
+	}
 	if (argc < 2 || (strcmp(argv[1], "tcp") && strcmp(argv[1], "udp"))) {
-		fprintf(stderr, "usage: pingpong tcp|udp [-n ROUNDTRIPS] [-t SECONDS] [-c CPU] [-s SIZE]\n");
+		fprintf(stderr, "usage: pingpong tcp|udp|getpid|pipe [-n ROUNDTRIPS] [-t SECONDS] [-c CPU] [-s SIZE]\n");
 		return 2;
 	}
 	udp = !strcmp(argv[1], "udp");

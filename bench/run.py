@@ -53,6 +53,8 @@ PY = sys.executable
 
 # r0 = 0; exit  -- the do-nothing program every floor hook runs
 NOP_INSNS = bytes.fromhex("b700000000000000" "9500000000000000")
+# r0 = 1; exit  -- the same for a cgroup hook, where 1 means "allow"
+ALLOW_INSNS = bytes.fromhex("b700000001000000" "9500000000000000")
 
 # A tcptop-like bpftrace script on the tracepoints our tracepoint backend
 # also uses for bytes: per (pid, comm, addresses, ports) sums, printed and
@@ -255,10 +257,42 @@ class Holder(object):
         return "".join(self.lines)
 
 
-def hold_tracer(backend="auto", cpu=None, poll_interval=1.0, timeout=180):
+def hold_tracer(backend="auto", cpu=None, poll_interval=1.0, timeout=180, pid=None):
     return Holder("tracer(%s)" % backend,
                   [PY, os.path.join(HERE, "run.py"), "--hold", "tracer", "--backend", backend,
-                   "--poll-interval", str(poll_interval)], cpu=cpu, ready_timeout=timeout)
+                   "--poll-interval", str(poll_interval)] + (["--pid", str(pid)] if pid else []),
+                  cpu=cpu, ready_timeout=timeout)
+
+
+def hold_counter(cpu=None, timeout=180):
+    return Holder("per-socket counter",
+                  [PY, os.path.join(HERE, "run.py"), "--hold", "counter"], cpu=cpu,
+                  ready_timeout=timeout)
+
+
+def hold_baseline(tree, backend="tracepoint", cpu=None, timeout=180):
+    """The tracer of another checkout (an earlier version, side by side)."""
+    return Holder("tracer(%s)" % tree,
+                  [PY, os.path.join(tree, "bench", "run.py"), "--hold", "tracer", "--backend",
+                   backend], cpu=cpu, ready_timeout=timeout)
+
+
+def attach_counter():
+    """bench/counter.bpf.c, built with clang into a temp dir and attached."""
+    import bpfsys
+    import elfload
+    clang = shutil.which("clang")
+    if not clang:
+        raise RuntimeError("clang is not installed: cannot build bench/counter.bpf.c")
+    with tempfile.TemporaryDirectory() as d:
+        obj = os.path.join(d, "counter.bpf.o")
+        subprocess.check_call([clang, "-O2", "-g0", "-target", "bpf", "-c",
+                               os.path.join(HERE, "counter.bpf.c"), "-o", obj])
+        spec = elfload.parse_file(obj)
+    coll = spec.load(["counter_send", "counter_recv"])
+    links = [bpfsys.attach_raw_tracepoint(coll.programs["counter_send"], "sock_send_length"),
+             bpfsys.attach_raw_tracepoint(coll.programs["counter_recv"], "sock_recv_length")]
+    return links, [coll]
 
 
 def hold_floor(backend, cpu=None, timeout=180):
@@ -285,9 +319,18 @@ def attach_floor(backend):
     progs, links = {}, []
     types = {"raw_tracepoint": bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT,
              "tracepoint": bpfsys.BPF_PROG_TYPE_TRACEPOINT,
-             "kprobe": bpfsys.BPF_PROG_TYPE_KPROBE, "kretprobe": bpfsys.BPF_PROG_TYPE_KPROBE}
+             "kprobe": bpfsys.BPF_PROG_TYPE_KPROBE, "kretprobe": bpfsys.BPF_PROG_TYPE_KPROBE,
+             "cgroup": bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR}
+    root = None
     try:
         for _, kind, target in plan:
+            if kind == "cgroup":  # a cgroup program says "allow" (r0 = 1)
+                p = bpfsys.Program(types[kind], ALLOW_INSNS, name="bench_allow",
+                                   expected_attach_type=bpfsys.CGROUP_ATTACH_TYPES[target])
+                progs[target] = p
+                root = root or bpfsys.Cgroup2Root()
+                links.append(bpfsys.attach_cgroup(p, target, root))
+                continue
             p = progs.get(types[kind])
             if p is None:
                 p = progs[types[kind]] = bpfsys.Program(types[kind], NOP_INSNS, name="bench_nop")
@@ -310,15 +353,19 @@ def hold_main(args):
     """--hold: attach, say ready, poll (tracer) until stdin closes."""
     if args.hold == "tracer":
         import tracer
-        t = tracer.Tracer(backend=args.backend)
+        t = tracer.Tracer(backend=args.backend, pid=args.pid)
         t.poll()
         print("ready backend=%s ready_seconds=%.4f" % (t.backend, t.ready_seconds), flush=True)
         closer = t.close
         poll = t.poll
     else:
-        import backends
-        backend = backends.choose(args.backend)[0]
-        links, progs = attach_floor(backend)
+        if args.hold == "counter":
+            links, progs = attach_counter()
+            backend = "counter"
+        else:
+            import backends
+            backend = backends.choose(args.backend)[0]
+            links, progs = attach_floor(backend)
         print("ready backend=%s hooks=%d" % (backend, len(links)), flush=True)
 
         def closer():
@@ -492,11 +539,16 @@ def bench_hotpath(a, res, exe):
         ("none", lambda: None),
         ("tracer tracepoint", lambda: hold_tracer("tracepoint", cpu=hold_cpu)),
         ("bpftrace tcptop-like", lambda: hold_bpftrace(BPFTRACE_TCPTOP, cpu=hold_cpu)),
+        ("per-socket counter", lambda: hold_counter(cpu=hold_cpu)),
+        ("tracer, filtered out", lambda: hold_tracer("tracepoint", cpu=hold_cpu, pid=1)),
         ("do-nothing floor", lambda: hold_floor("tracepoint", cpu=hold_cpu)),
     ]
+    if a.baseline:
+        configs.append(("tracer baseline", lambda: hold_baseline(a.baseline, cpu=hold_cpu)))
     log("hot path: %d ABBA rounds of %d configurations, %.1f s per protocol" % (
         a.rounds, len(configs), a.seconds))
     samples, errors, _, contaminated = abba_hotpath(exe, configs, a.rounds, a.seconds, load,
+                                                    protos=("tcp", "udp", "getpid", "pipe"),
                                                     quiet_s=1.0)
     res["hotpath"] = {"cpu": load, "holder_cpu": hold_cpu, "rounds": a.rounds,
                       "seconds": a.seconds, "summary": summarize_hotpath(samples),
@@ -507,23 +559,28 @@ def bench_hotpath(a, res, exe):
 # --- 3. poll cost ------------------------------------------------------------------------
 
 def poll_child(sizes):
-    """In a child: fill the conns map with synthetic TCP entries and time
-    reads and polls; prints one JSON object."""
+    """In a child: fill the socks map with synthetic TCP connections (each
+    socket's life and its owner's counters, as the kernel keeps them) and
+    time reads and polls; prints one JSON object."""
     import conntrack
     import tracer
     t = tracer.Tracer(max_conns=max(sizes) * 2)
-    conns = t._coll.maps["conns"]
+    socks = t._coll.maps["socks"]
     now_ns = conntrack.monotonic_ns()
     comm = b"bench".ljust(16, b"\0")
+
+    def sk(i):
+        return (0xffff888000000000 + i * 2048).to_bytes(8, "little")
 
     def key(i):
         daddr = bytes([127, 1 + (i >> 16) % 200, (i >> 8) & 255, i & 255]).ljust(16, b"\0")
         return conntrack.CONN_TUPLE.pack(b"\x7f\0\0\x01".ljust(16, b"\0"), daddr, 4026531840,
-                                         0x7ff00000, 40000 + i % 20000, 443, 4, 6, 0)
+                                         0x7ff00000, 40000 + i % 20000, 443, 4, 6, 0, i + 1)
 
     def value(i, extra=0):
-        return conntrack.CONN_STATS.pack(1000 + i + extra, 2000 + i, now_ns, now_ns, 0, 1, 1, 0,
-                                         comm, 0, 0)
+        stats = conntrack.CONN_STATS.pack(1000 + i + extra, 2000 + i, now_ns, now_ns, 0, 1, 1, 1,
+                                          0, comm, 0, 0)
+        return conntrack.SOCK_INFO.pack(key(i), 1, stats, b"\0" * 12, 0)
 
     def timed(fn, n=3):
         xs = []
@@ -535,17 +592,18 @@ def poll_child(sizes):
 
     dirty = t._coll.maps["dirty"]
     set_gen = t._table.set_gen
+    conns = t._coll.maps["conns"]
     out = {"sizes": {}}
     filled = 0
     for n in sizes:
         while filled < n:
-            conns.update(key(filled), value(filled))
+            socks.update(sk(filled), value(filled))
             filled += 1
         r = {}
-        r["items_batch_s"] = timed(conns.items_batch)
-        r["items_per_key_s"] = timed(conns.items_per_key, 1 if n >= 100000 else 3)
-        r["entries"] = len(conns.items_batch())
-        t._table = conntrack.ConnTable(conns, t._coll.maps["socks"])
+        r["items_batch_s"] = timed(socks.items_batch)
+        r["items_per_key_s"] = timed(socks.items_per_key, 1 if n >= 100000 else 3)
+        r["entries"] = len(socks.items_batch())
+        t._table = conntrack.ConnTable(conns, socks)
         t0 = time.perf_counter()
         first = t.poll()
         r["poll_first_s"] = time.perf_counter() - t0
@@ -553,26 +611,31 @@ def poll_child(sizes):
         del first
         r["poll_steady_s"] = timed(t.poll)
         for i in range(n):      # every connection moved bytes since the last poll
-            conns.update(key(i), value(i, 1))
+            socks.update(sk(i), value(i, 1))
         t0 = time.perf_counter()
         changed = t.poll()
         r["poll_all_changed_s"] = time.perf_counter() - t0
         r["poll_all_changed_records"] = len(changed)
         del changed
-        conns._batch_ok = False
+        socks._batch_ok = False
         r["poll_steady_per_key_s"] = timed(t.poll, 1 if n >= 100000 else 3)
-        conns._batch_ok = True
-        # the dirty set: the kernel marks changed keys, a poll reads those
-        table = conntrack.ConnTable(conns, t._coll.maps["socks"], dirty=dirty, set_gen=set_gen)
+        socks._batch_ok = True
+        # the dirty set: the kernel marks changed records, a poll reads those
+        table = conntrack.ConnTable(conns, socks, dirty=dirty, set_gen=set_gen)
         table.poll()  # the first poll reads everything
         r["poll_steady_dirty_s"] = timed(table.poll)
         step = max(1, n // 100)
         for i in range(0, n, step):  # 1 % of the connections move, as the kernel would mark them
-            conns.update(key(i), value(i, 2))
-            dirty.update(key(i), b"\0\0\0\0")
+            socks.update(sk(i), value(i, 2))
+            dirty.update(key(i), sk(i))
         t0 = time.perf_counter()
         r["poll_1pct_dirty_records"] = len(table.poll())
         r["poll_1pct_dirty_s"] = time.perf_counter() - t0
+        # the periodic expiry pass (on the values held in user space), with the dirty set
+        table.next_full_ns = 0
+        t0 = time.perf_counter()
+        table.poll()
+        r["poll_with_expiry_s"] = time.perf_counter() - t0
         r["vm_hwm_kb"] = vm_hwm_kb(os.getpid())
         out["sizes"][str(n)] = r
     t.close()
@@ -755,6 +818,26 @@ def print_hotpath_table(summary):
     print("   ns/rt: wall time per round trip; kept: rate against none; added: CPU time\n"
           "   (client+server, schedstat) added per round trip, median vs median; @min:\n"
           "   fastest vs fastest sample, which other load on the machine cannot inflate")
+    if any("getpid" in per for per in summary.values()):
+        print("\n   unrelated work while attached (no socket involved):")
+        print("   %-24s %9s %6s %8s   %9s %6s %8s" % ("attached", "getpid ns", "kept", "added",
+                                                     "pipe ns", "kept", "added"))
+        for name, per in summary.items():
+            cells = []
+            for p in ("getpid", "pipe"):
+                x = per.get(p)
+                cells.append("%9.1f %5.1f%% %+8.1f" % (x["ns_per_rt"], 100 * x["rate_kept"],
+                                                       x["added_ns"])
+                             if x else "%9s %6s %8s" % ("-", "-", "-"))
+            print("   %-24s %s   %s" % (name, cells[0], cells[1]))
+        print("   one getpid() or one 1-byte pipe write+read per op, CPU time per op")
+    ratios = []
+    for p in ("tcp", "udp"):
+        t, c = summary.get("tracer tracepoint", {}).get(p), summary.get("per-socket counter", {}).get(p)
+        if t and c and c["added_ns"] > 0:
+            ratios.append("%s %.2fx" % (p.upper(), t["added_ns"] / c["added_ns"]))
+    if ratios:
+        print("   tracer / per-socket counter, CPU added (medians): " + ", ".join(ratios))
 
 
 def report(res):
@@ -785,8 +868,8 @@ def report(res):
                   % (h["contaminated_visits"], h["rounds"] * len(h["summary"])))
     p = res.get("poll")
     if p:
-        print("\n3. poll cost (synthetic TCP entries in the conns map)")
-        print("   full read of the table:")
+        print("\n3. poll cost (synthetic TCP connections in the socks map)")
+        print("   full read of the tables (first poll; every poll without a dirty map):")
         print("   %8s %10s %10s %11s %11s %13s %14s %10s" % (
             "entries", "batch rd", "per-key rd", "first poll", "steady poll", "all-changed",
             "steady per-key", "VmHWM"))
@@ -795,11 +878,12 @@ def report(res):
                 n, 1e3 * r["items_batch_s"], 1e3 * r["items_per_key_s"], 1e3 * r["poll_first_s"],
                 1e3 * r["poll_steady_s"], 1e3 * r["poll_all_changed_s"],
                 1e3 * r["poll_steady_per_key_s"], r["vm_hwm_kb"] / 1024.0))
-        print("   with the dirty set (what a poll does between full reads):")
-        print("   %8s %14s %16s" % ("entries", "nothing moved", "1 % moved"))
+        print("   with the dirty set (every poll after the first):")
+        print("   %8s %14s %16s %18s" % ("entries", "nothing moved", "1 % moved", "expiry pass too"))
         for n, r in p["sizes"].items():
-            print("   %8s %12.2fms %14.2fms" % (n, 1e3 * r["poll_steady_dirty_s"],
-                                             1e3 * r["poll_1pct_dirty_s"]))
+            print("   %8s %12.2fms %14.2fms %16.2fms" % (n, 1e3 * r["poll_steady_dirty_s"],
+                                                      1e3 * r["poll_1pct_dirty_s"],
+                                                      1e3 * r.get("poll_with_expiry_s", 0)))
     r = res.get("rss")
     if r:
         print("\n4. peak RSS (VmHWM) under the ping-pong load, polling every 0.5 s")
@@ -839,8 +923,12 @@ def main(argv=None):
     ap.add_argument("--rss-seconds", type=float, default=3.0)
     ap.add_argument("--quick", action="store_true", help="fewer rounds and entries")
     ap.add_argument("--json", metavar="FILE", help="also write the raw results here")
-    ap.add_argument("--hold", choices=("tracer", "floor"), help=argparse.SUPPRESS)
+    ap.add_argument("--hold", choices=("tracer", "floor", "counter"), help=argparse.SUPPRESS)
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also time the tracer of another checkout (e.g. an earlier commit's "
+                         "tree) in the hot-path rounds, side by side")
     ap.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--poll-child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -147,7 +147,7 @@ def test_sock_info_mirrors_the_c_struct(c_layout):
 
 def test_offsets_mirrors_the_c_struct_field_by_name(c_layout):
     # OFFSET_FIELDS are the C field names: the probe compiled with them
-    assert c_layout["offsets"] == offsetguess.OFFSETS.size == 80
+    assert c_layout["offsets"] == offsetguess.OFFSETS.size == 88
     assert_mirrors(c_layout, "offsets", offsetguess.OFFSETS)
 
 

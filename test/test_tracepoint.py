@@ -191,6 +191,82 @@ def test_without_cgroup2_the_syscall_tracepoints_give_the_udp_peers(monkeypatch)
         matrix.check_udp(col, 6, unconnected=True, hold=False)
 
 
+def _kernel_entries(t):
+    """(pid, proto, lport, rport) of every record the kernel holds."""
+    import conntrack
+    out = []
+    for k, v in t._coll.maps["socks"].items():
+        tup = conntrack.decode_tuple(v[conntrack.SOCK_INFO_TUPLE])
+        out.append((tup[2], tup[0], tup[4], tup[6]))
+    for k, v in t._coll.maps["conns"].items():
+        tup = conntrack.decode_tuple(k)
+        out.append((tup[2], tup[0], tup[4], tup[6]))
+    return out
+
+
+def _tcp_exchange(lst, sent, replied):
+    import socket
+    c = socket.create_connection(lst.getsockname()[:2])
+    s, _ = lst.accept()
+    c.sendall(b"q" * sent)
+    got = 0
+    while got < sent:
+        got += len(s.recv(65536))
+    s.sendall(b"a" * replied)
+    got = 0
+    while got < replied:
+        got += len(c.recv(65536))
+    lport = c.getsockname()[1]
+    c.close()
+    s.close()
+    return lport
+
+
+@pytest.mark.parametrize("how", ["pid", "port", "udp_only", "v6_only"])
+def test_filters_are_applied_in_the_kernel(how):
+    """Filtered-out traffic creates no kernel entry; what passes is exact."""
+    need_tracepoint_backend()
+    import socket
+    import time
+    import tracer
+    from traffic import Pair
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+    port = lst.getsockname()[1]
+    args = {"pid": {"pid": os.getpid()}, "port": {"port": port},
+            "udp_only": {"tcp": False}, "v6_only": {"ipv4": False}}[how]
+    with tracer.Tracer(backend="tracepoint", **args) as t:
+        col = Collector(t)
+        col.poll()
+        mine = _tcp_exchange(lst, 700, 300)
+        tcp4 = Pair("tcp", 4, send=[321], reply=[12]).run()
+        tcp6 = Pair("tcp", 6, send=[1234], reply=[55]).run()
+        udp4 = Pair("udp", 4, send=[77], reply=[88]).run()
+        time.sleep(0.2)
+        got = col.poll()
+        entries = _kernel_entries(t)
+        if how == "pid":
+            assert set(e[0] for e in entries) <= {0, os.getpid()}, entries
+            assert [c for c in got if c.pid != os.getpid()] == []
+            col.one(lport=mine, sent_bytes=700, recv_bytes=300, state="closed")
+        elif how == "port":
+            assert all(port in (e[2], e[3]) for e in entries), entries
+            assert [c for c in got if port not in (c.lport, c.rport)] == []
+            col.one(lport=mine, sent_bytes=700, recv_bytes=300, state="closed")
+            col.one(lport=port, rport=mine, sent_bytes=300, recv_bytes=700, state="closed")
+        elif how == "udp_only":
+            assert all(e[1] == "udp" for e in entries), entries
+            assert [c for c in got if c.proto == "tcp"] == []
+            col.one(pid=udp4.client_pid, lport=udp4.client_port, sent_bytes=77, recv_bytes=88)
+        else:
+            assert [c for c in got if c.family == 4] == []
+            col.one(pid=tcp6.client_pid, lport=tcp6.client_port, sent_bytes=1234, recv_bytes=55)
+        assert tcp4.client_pid  # it ran, and (but for udp_only and port) left no entry
+        assert t.telemetry()["bytes_lost"] == 0
+    lst.close()
+
+
 # how connections end (test/endings.py), run here against this module's `col`
 from endings import (test_half_close_client_reads_the_reply_to_eof,  # noqa: F401,E402
                      test_half_closed_connection_stays_open_until_tcp_close,
