@@ -47,10 +47,11 @@ struct bpf_map_def {
 
 MAP(conns, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(struct conn_stats), 65536);
 MAP(socks, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct sock_info), 65536);
-/* per-thread state of one syscall: LRU, so an entry a syscall left behind
- * (a kretprobe missed, a send that failed before the hook) never blocks
- * another thread */
-MAP(stash, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct stash), 16384);
+/* per-thread state of one syscall, taken by its later hook.  A plain hash
+ * (an LRU update costs twice as much on the hot path): an entry a syscall
+ * left behind (a kretprobe missed) is overwritten by the thread's next
+ * call, and a full map is counted (stash_lost). */
+MAP(stash, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct stash), 16384);
 /* Records changed since the poll generation began, with where they live
  * (value: the struct sock address of a socks entry, 0 for conns): the
  * poll drains it, so a poll costs what changed, not the table size. */
@@ -756,14 +757,16 @@ INLINE void note_next_peer(const void *sk, struct offsets *o, int only_if)
 	skb2 = queue_head(sk, o->sk_rcvq, &qlen);
 	if (!skb)
 		skb = skb2;
-	if (only_if && qlen > 1 && bpf_map_lookup_elem(&udp_next, &key))
+	struct peer *cur = bpf_map_lookup_elem(&udp_next, &key);
+
+	if (only_if && qlen > 1 && cur && cur->family)
 		return;
 	if (skb)
 		peer_from_skb(&p, (void *)skb, o);
-	if (p.family)
+	if (cur) /* in place (family 0: none known): no map update per datagram */
+		__builtin_memcpy(cur, &p, sizeof(p));
+	else if (p.family)
 		bpf_map_update_elem(&udp_next, &key, &p, BPF_ANY);
-	else
-		bpf_map_delete_elem(&udp_next, &key);
 }
 
 /* p: the message's peer (family 0: none).  Never NULL: clang turns a NULL
@@ -1007,7 +1010,7 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 			__u64 key = (__u64)sk;
 			struct peer *next = bpf_map_lookup_elem(&udp_next, &key);
 			if (!none.family) {
-				if (next)
+				if (next && next->family)
 					__builtin_memcpy(&none, next, sizeof(none));
 				else
 					tele_add(TELE_PENDING_LOST);

@@ -1174,7 +1174,9 @@ def check_retransmits_under_random_loss(backend, size=4 << 20):
     if "skip" in got:
         pytest.skip(got["skip"])
     kernel, traced = got["kernel"], got["traced"]
-    assert kernel["client"] > 0 and kernel["server"] > 0, "no loss happened: %r" % kernel
+    # 5 % random loss over 4 MB each way almost always hits both sides;
+    # one side may still see none (it then checks 0 == 0)
+    assert kernel["client"] + kernel["server"] > 0, "no loss happened: %r" % kernel
     for name in ("client", "server"):
         last = traced.get(name, [[None, None, None]])[-1]
         assert last == [kernel[name], size, size], \

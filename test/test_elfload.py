@@ -76,7 +76,7 @@ MAPS = {
     "conns": (HASH, 52, 64, 65536, 0),
     "dirty": (HASH, 52, 8, 65536, 0),
     "socks": (HASH, 8, 136, 65536, 0),
-    "stash": (LRU_HASH, 8, 72, 16384, 0),
+    "stash": (HASH, 8, 72, 16384, 0),
     "skip_socks": (LRU_HASH, 8, 4, 16384, 0),
     "life_seq": (ARRAY, 4, 8, 1, 0),
     "offsets": (ARRAY, 4, 88, 1, 0),
