@@ -8,10 +8,13 @@ Prints, for the tracepoint backend on the host kernel:
   1. startup: exec of a Python process to its first poll returned (median of
      N runs), next to a bpftrace tracepoint script's exec to its BEGIN line;
   2. hot path: bench/pingpong.c (64-byte TCP and UDP round trips on
-     127.0.0.1, client and server pinned to one CPU) with nothing attached,
-     the tracer attached, a bpftrace tcptop-like script attached, and
-     do-nothing programs on exactly the tracer's hooks (the floor); the
-     configurations alternate in ABBA order, medians reported;
+     127.0.0.1, client and server pinned to one CPU; and getpid() and pipe
+     loops, unrelated work) with nothing attached, the tracer attached, a
+     bpftrace tcptop-like script attached, a minimal per-socket counter
+     (bench/counter.bpf.c), the tracer with all this traffic filtered out,
+     do-nothing programs on exactly the tracer's hooks (the floor) and, with
+     --baseline DIR, the tracer of another checkout; the configurations
+     alternate in ABBA order, medians reported;
   3. poll cost with 1k, 10k and 100k synthetic connections in the conns map
      (batch and per-key reads, first and steady-state polls);
   4. peak RSS (VmHWM) of a tracer process running its poll loop, next to
