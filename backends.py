@@ -66,6 +66,8 @@ SYSCALL_FALLBACK = (
     ("tp_sys_enter_recvmsg", "tracepoint", "syscalls/sys_enter_recvmsg"),
     ("tp_sys_exit_recvfrom", "tracepoint", "syscalls/sys_exit_recvfrom"),
     ("tp_sys_exit_recvmsg", "tracepoint", "syscalls/sys_exit_recvmsg"),
+    ("tp_sys_exit_sendto", "tracepoint", "syscalls/sys_exit_sendto"),
+    ("tp_sys_exit_sendmsg", "tracepoint", "syscalls/sys_exit_sendmsg"),
 )
 # perf-tracepoint stand-ins for raw tracepoints
 PERF_FALLBACK = {

@@ -1325,6 +1325,28 @@ INLINE void finish_recv(void)
 	bpf_map_delete_elem(&stash, &id);
 }
 
+/* The end of sendto/sendmsg: what sys_enter stashed for a socket that is
+ * not UDP (AF_UNIX, netlink: no sock_send_length took it) goes. */
+INLINE void drop_stash(void)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	bpf_map_delete_elem(&stash, &id);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendto")
+int tp_sys_exit_sendto(void *ctx)
+{
+	drop_stash();
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmsg")
+int tp_sys_exit_sendmsg(void *ctx)
+{
+	drop_stash();
+	return 0;
+}
+
 SEC("tracepoint/syscalls/sys_exit_recvfrom")
 int tp_sys_exit_recvfrom(void *ctx)
 {

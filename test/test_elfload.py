@@ -56,6 +56,8 @@ PROGRAM_SECTIONS = {
     "tp_sys_enter_sendto": "tracepoint/syscalls/sys_enter_sendto",
     "tp_sys_exit_recvfrom": "tracepoint/syscalls/sys_exit_recvfrom",
     "tp_sys_exit_recvmsg": "tracepoint/syscalls/sys_exit_recvmsg",
+    "tp_sys_exit_sendmsg": "tracepoint/syscalls/sys_exit_sendmsg",
+    "tp_sys_exit_sendto": "tracepoint/syscalls/sys_exit_sendto",
     "tp_tcp_retransmit_skb": "raw_tracepoint/tcp_retransmit_skb",
     "tp_tcp_retransmit_skb_err": "raw_tracepoint/tcp_retransmit_skb",
     "tp_tcp_destroy_sock": "raw_tracepoint/tcp_destroy_sock",

@@ -184,11 +184,31 @@ def test_without_cgroup2_the_syscall_tracepoints_give_the_udp_peers(monkeypatch)
     monkeypatch.setattr(bpfsys, "Cgroup2Root", no_cgroup2)
     with tracer.Tracer(backend="tracepoint") as t:
         assert len(t.attach_notes) == 1 and "cgroup2 refused (test)" in t.attach_notes[0]
-        assert len([l for l in t._links if "syscalls" in getattr(l, "what", "")]) == 6
+        assert len([l for l in t._links if "syscalls" in getattr(l, "what", "")]) == 8
         col = Collector(t)
         col.poll()
         matrix.check_udp(col, 4, unconnected=True, hold=False)
         matrix.check_udp(col, 6, unconnected=True, hold=False)
+        # a sendto with an address on a socket that is not UDP leaves no
+        # per-thread entry behind (it would take a UDP flow's peer later)
+        import socket
+        import threading
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+        def unix_sendto():
+            try:
+                a.sendto(b"x", "/nonexistent-tracer-test")
+            except OSError:
+                pass
+            a.send(b"y")
+        ths = [threading.Thread(target=unix_sendto) for _ in range(20)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        assert t._coll.maps["stash"].items() == []
+        a.close()
+        b.close()
 
 
 def _kernel_entries(t):
