@@ -24,11 +24,12 @@ import time
 import bpfsys
 
 # struct offsets in tracer.bpf.h
-OFFSETS = struct.Struct("<22I")
+OFFSETS = struct.Struct("<23I")
 OFFSET_FIELDS = ("ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state",
                  "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "gen",
                  "task_comm", "task_leader", "skb_data", "sk_rcvq", "udp_readerq",
-                 "want", "pid_filter", "port_filter")
+                 "want", "pid_filter", "port_filter", "skc_block")
+SKC_BLOCK = 128  # tracer.bpf.h: the bytes of struct sock that read_tuple_block copies
 WANT_TCP, WANT_UDP, WANT_V4, WANT_V6 = 1, 2, 4, 8  # offsets.want
 # struct guess_req in tracer.bpf.h
 GUESS_REQ = struct.Struct("<QIIII")
@@ -512,5 +513,10 @@ def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False
             notes.append("%s: records show the name of the thread that opened them" % e)
     finally:
         prober.stop()
+    # every tuple field in the first SKC_BLOCK bytes: one probe read per tuple
+    span = max(values.get(f, 0) + size for f, size in (
+        ("daddr", 4), ("saddr", 4), ("dport", 2), ("sport", 2), ("family", 2), ("v6_daddr", 16),
+        ("v6_saddr", 16), ("net", 8)))
+    values["skc_block"] = 1 if span <= SKC_BLOCK else 0
     values["ready"] = 1
     return Offsets(values, time.time() - start, notes, prober.rounds)

@@ -118,7 +118,11 @@ struct offsets {
 	__u32 want;       /* WANT_* bits: what to trace */
 	__u32 pid_filter; /* only this process (tgid) */
 	__u32 port_filter; /* only connections with this local or remote port */
+	__u32 skc_block;  /* 1: every tuple field lies in the first SKC_BLOCK bytes of
+			   * struct sock, read with one probe read */
 };
+
+#define SKC_BLOCK 128
 
 #define WANT_TCP 1
 #define WANT_UDP 2

@@ -35,7 +35,7 @@ C_FIELDS = {
     "stash": ("sk", "msg", "uaddr", "bytes", "flags", "peer", "has_peer", "_pad"),
     "peer": ("addr", "port", "family", "_pad"),
 }
-MACROS = ("GUESS_SOCK", "GUESS_TASK", "GUESS_TASK_AT", "GUESS_SKB_AT", "GUESS_QSKB_AT", "GUESS_SKB_BEFORE", "GUESS_SK_BYTES", "GUESS_NET_BYTES", "GUESS_CHUNK", "TELE_MAX", "TPF_MAX",
+MACROS = ("SKC_BLOCK", "GUESS_SOCK", "GUESS_TASK", "GUESS_TASK_AT", "GUESS_SKB_AT", "GUESS_QSKB_AT", "GUESS_SKB_BEFORE", "GUESS_SK_BYTES", "GUESS_NET_BYTES", "GUESS_CHUNK", "TELE_MAX", "TPF_MAX",
           "TELE_CONN_LOST", "TELE_CLOSED_LOST", "TELE_STASH_LOST", "TELE_BYTES_LOST",
           "TELE_UDP_LOST", "TELE_SHARED_OVERFLOW", "TELE_DIRTY_LOST", "SOCK_OTHERS", "TELE_TUPLE_MISMATCH",
           "TELE_TUPLE_CHECKED", "TELE_READ_FAULT", "TELE_PENDING_LOST",
@@ -147,7 +147,8 @@ def test_sock_info_mirrors_the_c_struct(c_layout):
 
 def test_offsets_mirrors_the_c_struct_field_by_name(c_layout):
     # OFFSET_FIELDS are the C field names: the probe compiled with them
-    assert c_layout["offsets"] == offsetguess.OFFSETS.size == 88
+    assert c_layout["offsets"] == offsetguess.OFFSETS.size == 92
+    assert c_layout["SKC_BLOCK"] == offsetguess.SKC_BLOCK
     assert_mirrors(c_layout, "offsets", offsetguess.OFFSETS)
 
 
