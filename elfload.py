@@ -4,7 +4,10 @@ Step one, parse(): no privileges, no file descriptors.  The object becomes an
 ObjectSpec: programs by function name (with section, program type and attach
 target), legacy maps from the "maps" section, license and kernel version, and
 the map relocations of each program.  A truncated, malformed or foreign file
-raises ObjectError naming what is wrong.
+raises ObjectError naming what is wrong, in one line; no other exception
+escapes parse() or load() for what the file holds.  Whether the object has
+what the tracer needs (maps of the right shape, its programs) is abi.py's
+question.
 
 Step two, ObjectSpec.load(): create the maps, patch each relocated ld_imm64
 with its map's fd, and load only the programs asked for.  The result, a
@@ -12,6 +15,7 @@ Collection, owns every fd and closes them all on close() -- also when a
 step in the middle fails.
 """
 
+import re
 import struct
 
 import bpfsys
@@ -19,12 +23,17 @@ import bpfsys
 EM_BPF = 247
 SHT_SYMTAB = 2
 SHT_REL = 9
+SHT_NOBITS = 8  # occupies no bytes in the file
 SHF_EXECINSTR = 0x4
 STT_FUNC = 2
 STT_OBJECT = 1
 BPF_LD_IMM64 = 0x18
+INSN = 8  # bytes per instruction; an ld_imm64 takes two
 R_BPF_64_64 = 1
 MAP_DEF = struct.Struct("<IIIII")  # struct bpf_map_def in tracer.bpf.c
+# an ld_imm64 of 0 from no source: what clang leaves for the loader to fill
+# (a map's address); a constant 0 it would load with a mov
+_UNFILLED_LOAD = re.compile(b"\x18[\x00-\x0f]\x00{14}")
 
 # section prefix -> (program type, attach kind)
 SECTION_KINDS = (
@@ -82,11 +91,18 @@ class ObjectSpec(object):
     def load(self, programs=None, max_entries=None):
         """Create the maps and load the named programs (all when None).
         max_entries: {map name: entries} overrides."""
-        names = list(self.programs) if programs is None else list(programs)
+        names = list(self.programs) if programs is None else _unique(programs)
         for n in names:
             if n not in self.programs:
-                raise ObjectError("%s: no program named %r (have: %s)" % (
-                    self.path, n, ", ".join(sorted(self.programs))))
+                raise ObjectError(_one_line("%s: no program named %r (have: %s)" % (
+                    self.path, n, ", ".join(sorted(self.programs)))))
+        for n, entries in sorted((max_entries or {}).items()):
+            if n not in self.maps:
+                raise ObjectError(_one_line("%s: no map named %r to resize (have: %s)" % (
+                    self.path, n, ", ".join(sorted(self.maps)))))
+            if not 0 < entries < 1 << 32:
+                raise ObjectError("%s: map %r cannot have %r entries (1 to %d)" % (
+                    self.path, n, entries, (1 << 32) - 1))
         coll = Collection()
         try:
             for m in self.maps.values():
@@ -110,6 +126,12 @@ class ObjectSpec(object):
         return bpfsys.Program(spec.prog_type, bytes(insns), self.license, spec.name,
                               self.kern_version,
                               bpfsys.CGROUP_ATTACH_TYPES.get(spec.target, 0) if spec.kind == "cgroup" else 0)
+
+
+def _unique(names):
+    """names without repeats, in their first order (a program loads once)."""
+    seen = set()
+    return [n for n in names if not (n in seen or seen.add(n))]
 
 
 class Collection(object):
@@ -141,10 +163,15 @@ def parse_file(path):
     return parse(data, path)
 
 
+def _one_line(text):
+    """Names come from the file: escape what would break the line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def parse(data, path="<bytes>"):
     """Describe a BPF ELF object (bytes) as an ObjectSpec."""
     def bad(msg):
-        return ObjectError("%s: %s" % (path, msg))
+        return ObjectError("%s: %s" % (path, _one_line(msg)))
 
     if len(data) < 64:
         raise bad("truncated: %d bytes is shorter than an ELF header" % len(data))
@@ -166,12 +193,19 @@ def parse(data, path="<bytes>"):
     for i in range(e_shnum):
         (name_off, sh_type, flags, _, off, size, link, info, _, entsize) = struct.unpack_from(
             "<IIQQQQIIQQ", data, e_shoff + i * 64)
-        if sh_type != 8 and off + size > len(data):  # 8: SHT_NOBITS
+        if sh_type != SHT_NOBITS and off + size > len(data):
             raise bad("truncated: section %d ends at byte %d, the file at %d" % (i, off + size, len(data)))
         sections.append([name_off, sh_type, flags, off, size, link, info, entsize])
     if e_shstrndx >= e_shnum:
         raise bad("bad section name table index %d" % e_shstrndx)
-    shstr = sections[e_shstrndx]
+
+    def in_file(i, what):
+        """Section i, whose bytes we read: they must be in the file."""
+        if sections[i][1] == SHT_NOBITS:
+            raise bad("%s is SHT_NOBITS: it has no bytes in the file" % what)
+        return sections[i]
+
+    shstr = in_file(e_shstrndx, "the section name table (section %d)" % e_shstrndx)
 
     def cstr(table_off, table_size, off):
         if off >= table_size:
@@ -182,15 +216,18 @@ def parse(data, path="<bytes>"):
         return data[table_off + off:end].decode("utf-8", "replace")
 
     names = [cstr(shstr[3], shstr[4], s[0]) for s in sections]
-    body = lambda i: data[sections[i][3]:sections[i][3] + sections[i][4]]
+
+    def body(i):
+        in_file(i, "section %d %r" % (i, names[i]))
+        return data[sections[i][3]:sections[i][3] + sections[i][4]]
 
     symtab = [i for i, s in enumerate(sections) if s[1] == SHT_SYMTAB]
     if not symtab:
         raise bad("no symbol table")
-    st = sections[symtab[0]]
+    st = in_file(symtab[0], "the symbol table (section %d)" % symtab[0])
     if st[5] >= len(sections):
         raise bad("the symbol table links to string table %d, which does not exist" % st[5])
-    strtab = sections[st[5]]
+    strtab = in_file(st[5], "the symbol string table (section %d)" % st[5])
     symbols = []
     for k in range(st[4] // 24):
         (s_name, s_info, _, s_shndx, s_value, s_size) = struct.unpack_from("<IBBHQQ", data, st[3] + k * 24)
@@ -199,6 +236,7 @@ def parse(data, path="<bytes>"):
     license = "GPL"
     kern_version = 0
     maps = {}
+    map_at = {}   # map name -> where its definition is, for a second one
     map_by_sym = {}
     for i, n in enumerate(names):
         if n == "license":
@@ -206,8 +244,11 @@ def parse(data, path="<bytes>"):
                 license = body(i).split(b"\0")[0].decode("ascii")
             except UnicodeDecodeError:
                 raise bad("the license section is not ASCII text")
-        elif n == "version" and sections[i][4] >= 4:
-            kern_version = struct.unpack_from("<I", body(i))[0]
+        elif n == "version":
+            raw = body(i)
+            if len(raw) != 4:
+                raise bad("the version section is %d bytes, expected 4 (a u32 kernel version)" % len(raw))
+            kern_version = struct.unpack("<I", raw)[0]
         elif n == "maps":
             raw = body(i)
             for k, (sname, stype, shndx, value, size) in enumerate(symbols):
@@ -215,10 +256,15 @@ def parse(data, path="<bytes>"):
                     continue
                 if value + MAP_DEF.size > len(raw):
                     raise bad("map %s: definition runs past the maps section" % sname)
+                where = "section %d (maps) at byte %d" % (i, value)
+                if sname in maps:
+                    raise bad("two maps named %r: in %s and in %s" % (sname, map_at[sname], where))
                 maps[sname] = MapSpec(sname, *MAP_DEF.unpack_from(raw, value))
+                map_at[sname] = where
                 map_by_sym[k] = sname
 
     programs = {}
+    prog_at = {}      # program name -> where its code is, for a second one
     prog_ranges = {}  # section index -> [(start, end, name)]
     for i, n in enumerate(names):
         if not (sections[i][2] & SHF_EXECINSTR) or sections[i][4] == 0:
@@ -237,10 +283,20 @@ def parse(data, path="<bytes>"):
             raise bad("section %r has code but no function symbol" % n)
         ranges = []
         for value, size, fname in funcs:
-            if value + size > len(code) or size % 8:
+            if value + size > len(code) or size % INSN:
                 raise bad("function %s runs past its section %r" % (fname, n))
+            where = "section %r at byte %d" % (n, value)
+            if not fname:
+                raise bad("a function in %s has no name" % where)
+            if size == 0:
+                raise bad("function %r in %s is empty" % (fname, where))
+            if value % INSN:
+                raise bad("function %r in %s does not start on an instruction" % (fname, where))
+            if fname in programs:
+                raise bad("two functions named %r: in %s and in %s" % (fname, prog_at[fname], where))
             programs[fname] = ProgramSpec(fname, n, prog_type, kname, target,
                                           code[value:value + size], [])
+            prog_at[fname] = where
             ranges.append((value, value + size, fname))
         prog_ranges[i] = ranges
 
@@ -265,9 +321,21 @@ def parse(data, path="<bytes>"):
                               prog, symbols[sym][0]))
             spec = programs[prog]
             start = next(a for (a, b, p) in prog_ranges[target_sec] if p == prog)
-            idx = (r_off - start) // 8
-            if rtype != R_BPF_64_64 or spec.insns[idx * 8] != BPF_LD_IMM64:
+            idx = (r_off - start) // INSN
+            if rtype != R_BPF_64_64 or (r_off - start) % INSN or spec.insns[idx * INSN] != BPF_LD_IMM64:
                 raise bad("program %s: relocation type %d at instruction %d is not a map load" % (
                     prog, rtype, idx))
+            if (idx + 2) * INSN > len(spec.insns):
+                raise bad("program %s: the map load at instruction %d runs past its end" % (prog, idx))
             spec.relocs.append((idx, map_by_sym[sym]))
+
+    # a relocation section lost (its type, target or size changed) leaves
+    # map loads the kernel would take for a constant 0
+    for name in sorted(programs):
+        spec = programs[name]
+        done = set(idx for idx, _ in spec.relocs)
+        for m in _UNFILLED_LOAD.finditer(spec.insns):
+            if m.start() % INSN == 0 and m.start() // INSN not in done:
+                raise bad("program %s: the map load at instruction %d has no relocation naming "
+                          "its map" % (name, m.start() // INSN))
     return ObjectSpec(path, programs, maps, license, kern_version)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import abi
 import backends
 import bpfsys
 import conntrack
@@ -28,6 +29,12 @@ OBJECT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tracer.b
 class TracerError(RuntimeError):
     """A failure the user can act on; str() is one line (or a few, for a
     verifier rejection) saying what failed."""
+
+
+def _bad_object(e):
+    """The TracerError of an ObjectError ("<path>: what is wrong"): one line."""
+    return TracerError("bad BPF object %s (rebuild it with make, or copy the tracer directory "
+                       "again)" % "\\n".join(str(e).splitlines()))
 
 
 class Tracer(object):
@@ -67,10 +74,15 @@ class Tracer(object):
             raise TracerError("the BPF object %s is missing: copy the whole tracer directory "
                               "(or run make to build it)" % obj_path)
         try:
+            sizes = abi.map_entries(max_conns)
+        except ValueError as e:
+            raise TracerError(str(e))
+        # all of the object is checked before anything touches the kernel
+        try:
             spec = elfload.parse_file(obj_path)
+            abi.check_object(spec)
         except elfload.ObjectError as e:
-            raise TracerError("bad BPF object: %s (rebuild it with make, or copy the "
-                              "tracer directory again)" % e)
+            raise _bad_object(e)
         try:
             self.backend, self.backend_reason = backends.choose(backend)
         except (backends.BackendError, OSError) as e:
@@ -81,14 +93,11 @@ class Tracer(object):
             self.plan = backends.plan(self.backend, self.tcp, self.udp)
         except backends.BackendError as e:
             raise TracerError(str(e))
-        names = [p for p, _, _ in self.plan] + [p for p, _, _ in backends.GUESS_PROGRAMS[self.backend]]
-        if self.backend == "tracepoint":
-            names += [alt for alt, _ in backends.PERF_FALLBACK.values()]
-            if any(kind == "cgroup" for _, kind, _ in self.plan):
-                names += [p for p, _, _ in backends.SYSCALL_FALLBACK]
-        sizes = {"conns": max_conns, "socks": max_conns, "dirty": 2 * max_conns} if max_conns else None
+        names = abi.programs_to_load(self.backend, self.plan)
         try:
             self._coll = spec.load(names, sizes)
+        except elfload.ObjectError as e:
+            raise _bad_object(e)
         except bpfsys.BPFError as e:
             raise TracerError("loading the BPF programs failed: %s" % e)
         try:

@@ -597,19 +597,6 @@ def test_tracer_whose_last_program_fails_to_load_leaves_no_fd(tmp_path, spec):
     print("\n%s" % msg)
 
 
-def test_tracer_failing_to_attach_after_guessing_leaves_no_fd(tmp_path, spec):
-    need_tracepoint_backend()
-    # tp_fields with 4 slots: guessing works, then filling slot 4 fails
-    data = bytearray(_object_bytes())
-    m = spec.maps["tp_fields"]
-    old = elfload.MAP_DEF.pack(m.map_type, m.key_size, m.value_size, m.max_entries, m.flags)
-    assert data.count(old) == 1
-    at = data.find(old)
-    data[at:at + len(old)] = elfload.MAP_DEF.pack(m.map_type, m.key_size, m.value_size, 4, m.flags)
-    _tracer_fails(_write(tmp_path, bytes(data)), "attaching the tracepoint backend failed",
-                  "bpf(BPF_MAP_UPDATE_ELEM) on map 'tp_fields': E2BIG")
-
-
 def test_tracer_closed_normally_leaves_no_fd():
     need_tracepoint_backend()
     before = bpfsys.open_fds()

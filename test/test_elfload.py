@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+import abi
 import backends
 import bpfsys
 import elfload
@@ -72,25 +73,11 @@ KINDS = {"kprobe/": ("kprobe", 2), "kretprobe/": ("kretprobe", 2),
          "tracepoint/": ("tracepoint", 5), "raw_tracepoint/": ("raw_tracepoint", 17),
          "cgroup/": ("cgroup", 18)}
 
-HASH, ARRAY, LRU_HASH = 1, 2, 9
-# map -> (type, key size, value size, max entries, flags): MAP() in tracer.bpf.c
-MAPS = {
-    "conns": (HASH, 52, 64, 65536, 0),
-    "dirty": (HASH, 52, 8, 65536, 0),
-    "socks": (HASH, 8, 136, 65536, 0),
-    "stash": (HASH, 8, 72, 16384, 0),
-    "skip_socks": (LRU_HASH, 8, 4, 16384, 0),
-    "life_seq": (ARRAY, 4, 8, 1, 0),
-    "offsets": (ARRAY, 4, 88, 1, 0),
-    "udp_next": (LRU_HASH, 8, 24, 16384, 0),
-    "synack_retrans": (LRU_HASH, 52, 4, 4096, 0),
-    "telemetry": (ARRAY, 4, 8, 11, 0),
-    "tp_fields": (ARRAY, 4, 4, 24, 0),
-    "guess_req": (ARRAY, 4, 24, 1, 0),
-    "guess_dump": (ARRAY, 4, 4120, 1, 0),
-    "test_counts": (ARRAY, 4, 8, 4, 0),
-    "test_bytes": (HASH, 4, 8, 1024, 0),
-}
+# map -> (type, key size, value size, max entries, flags): abi.MAPS, what
+# MAP() in tracer.bpf.c must build (abi takes the sizes from the Python
+# mirrors, which test_layout.py checks against the C structs)
+MAPS = dict((m.name, (m.map_type, m.key_size, m.value_size, m.max_entries, m.flags))
+            for m in abi.MAPS)
 
 
 @pytest.fixture(scope="module")
@@ -481,3 +468,140 @@ def test_symbol_table_linked_to_a_missing_string_table(data):
 def test_license_that_is_not_text(data):
     elf = Elf(data)
     rejected(patched(data, elf.section("license")["offset"], "B", 0xFF), "license")
+
+
+# --- issue 13: malformed objects found by fuzzing, each one ObjectError -------
+
+def _name_off(data, elf, sym):
+    """st_name of a symbol: where its name is in the string table."""
+    return struct.unpack_from("<I", data, elf.symtab["offset"] + sym["index"] * 24)[0]
+
+
+def _symbol_field(elf, sym, offset):
+    """File offset of a field of sym's entry (st_name 0, st_value 8, st_size 16)."""
+    return elf.symtab["offset"] + sym["index"] * 24 + offset
+
+
+def _nobits(data, sec, offset=None):
+    """sec made SHT_NOBITS, its sh_offset moved to offset."""
+    broken = patched(data, sec["hdr"] + 4, "<I", 8)
+    return broken if offset is None else patched(broken, sec["hdr"] + 24, "<Q", offset)
+
+
+def test_nobits_version_section_past_the_end_of_the_file(data):
+    # gap 1: struct.error escaped parse() (it read 4 bytes from past the end)
+    sec = Elf(data).section("version")
+    msg = rejected(_nobits(data, sec, len(data) + 4096))
+    assert msg == "broken.o: section %d 'version' is SHT_NOBITS: it has no bytes in the file" % (
+        sec["index"])
+
+
+@pytest.mark.parametrize("name", ["version", "license", "maps", "kprobe/tcp_sendmsg"])
+def test_a_section_whose_bytes_are_read_cannot_be_nobits(data, name):
+    sec = Elf(data).section(name)
+    rejected(_nobits(data, sec), "section %d %r is SHT_NOBITS: it has no bytes in the file"
+             % (sec["index"], name))
+
+
+def test_nobits_string_table(data):
+    elf = Elf(data)
+    rejected(_nobits(data, elf.sections[elf.shstrndx], len(data)),
+             "the section name table (section %d) is SHT_NOBITS" % elf.shstrndx)
+
+
+@pytest.mark.parametrize("size", [0, 2, 8])
+def test_version_section_of_the_wrong_size(data, size):
+    sec = Elf(data).section("version")
+    rejected(patched(data, sec["hdr"] + 32, "<Q", size),
+             "the version section is %d bytes, expected 4 (a u32 kernel version)" % size)
+
+
+@pytest.mark.parametrize("renamed,to", [("kp_tcp_sendmsg", "krp_tcp_sendmsg"),
+                                        ("guess_tcp_sendmsg", "kp_tcp_sendmsg")],
+                         ids=["two-sections", "one-section"])
+def test_two_functions_with_one_name_are_refused_naming_both(data, renamed, to):
+    # gap 5: the second silently replaced the first, and a verifier error
+    # then named the wrong program
+    elf = Elf(data)
+    a, b = elf.symbol(renamed), elf.symbol(to)
+    broken = patched(data, _symbol_field(elf, a, 0), "<I", _name_off(data, elf, b))
+    first, second = sorted([a, b], key=lambda s: (s["shndx"], s["value"]))
+    msg = rejected(broken)
+    assert msg == ("broken.o: two functions named %r: in section %r at byte %d and in section "
+                   "%r at byte %d" % (to, elf.sections[first["shndx"]]["name"], first["value"],
+                                      elf.sections[second["shndx"]]["name"], second["value"]))
+
+
+def test_two_maps_with_one_name_are_refused_naming_both(data):
+    elf = Elf(data)
+    dirty, conns = elf.symbol("dirty"), elf.symbol("conns")
+    broken = patched(data, _symbol_field(elf, dirty, 0), "<I", _name_off(data, elf, conns))
+    first, second = sorted([dirty, conns], key=lambda s: s["index"])
+    maps = elf.section("maps")["index"]
+    msg = rejected(broken)
+    assert msg == ("broken.o: two maps named 'conns': in section %d (maps) at byte %d and in "
+                   "section %d (maps) at byte %d" % (maps, first["value"], maps, second["value"]))
+
+
+def test_an_empty_function(data):
+    elf = Elf(data)
+    sym = elf.symbol("kp_tcp_sendmsg")
+    rejected(patched(data, _symbol_field(elf, sym, 16), "<Q", 0),
+             "function 'kp_tcp_sendmsg' in section 'kprobe/tcp_sendmsg' at byte %d is empty"
+             % sym["value"])
+
+
+def test_a_function_not_on_an_instruction_boundary(data):
+    elf = Elf(data)
+    sym = elf.symbol("kp_tcp_sendmsg")
+    broken = patched(data, _symbol_field(elf, sym, 8), "<QQ", sym["value"] + 4, sym["size"] - 8)
+    rejected(broken, "function 'kp_tcp_sendmsg' in section 'kprobe/tcp_sendmsg' at byte %d "
+             "does not start on an instruction" % (sym["value"] + 4))
+
+
+def test_a_function_without_a_name(data):
+    elf = Elf(data)
+    sym = elf.symbol("kp_tcp_sendmsg")
+    rejected(patched(data, _symbol_field(elf, sym, 0), "<I", 0),
+             "a function in section 'kprobe/tcp_sendmsg' at byte %d has no name" % sym["value"])
+
+
+def test_relocation_inside_an_instruction(data):
+    elf = Elf(data)
+    at, sec, r_off, sym, rtype = _first_rel(elf, "test_send_calls_tp")
+    rejected(patched(data, at, "<Q", r_off + 4),
+             "program test_send_calls_tp: relocation type 1 at instruction 4 is not a map load")
+
+
+def test_map_load_that_is_the_last_instruction(data):
+    # an ld_imm64 takes two instructions: the second must be in the program
+    elf = Elf(data)
+    sym = elf.symbol("test_send_calls_tp")
+    _, _, r_off, _, _ = _first_rel(elf, "test_send_calls_tp")
+    idx = (r_off - sym["value"]) // 8
+    rejected(patched(data, _symbol_field(elf, sym, 16), "<Q", (idx + 1) * 8),
+             "program test_send_calls_tp: the map load at instruction %d runs past its end" % idx)
+
+
+def test_a_name_with_a_line_break_stays_on_one_line(data):
+    at = data.index(b"cgroup/sendmsg4\0")
+    msg = rejected(data[:at] + b"cgroup/sendms\n4" + data[at + 15:])
+    assert msg == ("broken.o: section 'cgroup/sendms\\n4': unknown cgroup hook 'sendms\\n4' "
+                   "(known: recvmsg4, recvmsg6, sendmsg4, sendmsg6)")
+
+
+@pytest.mark.parametrize("entries", [0, 1 << 32, -1])
+def test_load_refuses_entries_out_of_range_before_any_fd(spec, entries):
+    before = bpfsys.open_fds()
+    with pytest.raises(elfload.ObjectError) as info:
+        spec.load(["test_send_bytes"], {"conns": entries})
+    assert str(info.value) == "%s: map 'conns' cannot have %d entries (1 to 4294967295)" % (
+        OBJ, entries)
+    assert bpfsys.open_fds() == before
+
+
+def test_load_refuses_resizing_a_map_it_does_not_have(spec):
+    with pytest.raises(elfload.ObjectError) as info:
+        spec.load(["test_send_bytes"], {"no_such_map": 5})
+    assert str(info.value).startswith("%s: no map named 'no_such_map' to resize (have: conns, "
+                                      % OBJ)
