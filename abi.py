@@ -122,14 +122,12 @@ PROGRAMS = _programs()
 
 
 def programs_to_load(backend, plan):
-    """Names of the programs a Tracer loads: the plan's, the backend's guess
-    programs, and the fallbacks attach_all may turn to."""
-    names = [p for p, _, _ in plan] + [p for p, _, _ in backends.GUESS_PROGRAMS[backend]]
-    if backend == "tracepoint":
-        names += [alt for alt, _ in backends.PERF_FALLBACK.values()]
-        if any(kind == "cgroup" for _, kind, _ in plan):
-            names += [p for p, _, _ in backends.SYSCALL_FALLBACK]
-    return names
+    """Names of the programs a Tracer loads at start: the plan's and the
+    backend's guess programs.  The fallbacks attach_all may turn to (perf
+    tracepoints for raw ones, syscall tracepoints for the cgroup hooks) are
+    loaded only when needed: their verification would cost startup time
+    that almost no kernel needs (check_object has made sure they exist)."""
+    return [p for p, _, _ in plan] + [p for p, _, _ in backends.GUESS_PROGRAMS[backend]]
 
 
 def map_entries(max_conns):

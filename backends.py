@@ -237,8 +237,8 @@ def plan(backend, tcp=True, udp=True, symbols=None, version=None, err=None):
 
 
 def attach(coll, prog, kind, target, kprobe_method="auto", cgroup=None):
-    """Attach one program; returns the link."""
-    p = coll.programs[prog]
+    """Attach one program (loaded now if it was not); returns the link."""
+    p = coll.program(prog)
     if kind == "cgroup":
         return bpfsys.attach_cgroup(p, target, cgroup)
     if kind == "raw_tracepoint":

@@ -103,7 +103,7 @@ class ObjectSpec(object):
             if not 0 < entries < 1 << 32:
                 raise ObjectError("%s: map %r cannot have %r entries (1 to %d)" % (
                     self.path, n, entries, (1 << 32) - 1))
-        coll = Collection()
+        coll = Collection(self)
         try:
             for m in self.maps.values():
                 entries = (max_entries or {}).get(m.name, m.max_entries)
@@ -137,9 +137,20 @@ def _unique(names):
 class Collection(object):
     """Live maps and programs of one object; close() releases them all."""
 
-    def __init__(self):
+    def __init__(self, spec=None):
+        self.spec = spec
         self.maps = {}
         self.programs = {}
+
+    def program(self, name):
+        """The named program, loaded now if it was not loaded at first (a
+        fallback needed only on some kernels)."""
+        p = self.programs.get(name)
+        if p is None:
+            if self.spec is None or name not in self.spec.programs:
+                raise ObjectError("no program named %r to load" % name)
+            p = self.programs[name] = self.spec._load_program(self.spec.programs[name], self.maps)
+        return p
 
     def close(self):
         for obj in list(self.programs.values()) + list(self.maps.values()):

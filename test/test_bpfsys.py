@@ -589,11 +589,11 @@ def test_tracer_with_a_truncated_object_leaves_no_fd(tmp_path):
 def test_tracer_whose_last_program_fails_to_load_leaves_no_fd(tmp_path, spec):
     need_tracepoint_backend()
     data = bytearray(_object_bytes())
-    code = spec.programs["tpp_tcp_retransmit_skb"].insns  # the last program Tracer loads
+    code = spec.programs["guess_sock_send_length"].insns  # the last program Tracer loads
     assert data.count(code) == 1
     data[data.find(code):data.find(code) + 8] = insn(MOV64_REG, 0, 9)
     msg = _tracer_fails(_write(tmp_path, bytes(data)), "loading the BPF programs failed",
-                        "'tpp_tcp_retransmit_skb'", "verifier log", "R9 !read_ok")
+                        "'guess_sock_send_length'", "verifier log", "R9 !read_ok")
     print("\n%s" % msg)
 
 
