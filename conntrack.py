@@ -76,8 +76,6 @@ def monotonic_ns():
     return int(time.monotonic() * 1e9)
 
 
-_LAST_NS = struct.Struct("<Q")
-_LAST_NS_OFFSET = 24  # conn_stats.last_ns
 _STATE_OFFSET = 37    # conn_stats.state
 
 

@@ -128,7 +128,6 @@ def test_conn_tuple_mirrors_the_c_struct(c_layout):
 def test_conn_stats_mirrors_the_c_struct(c_layout):
     assert c_layout["conn_stats"] == conntrack.CONN_STATS.size == 64
     assert c_layout["conn_stats.state"][0] == conntrack._STATE_OFFSET
-    assert c_layout["conn_stats.last_ns"][0] == conntrack._LAST_NS_OFFSET
     assert c_layout["conn_tuple.pid"][0] == conntrack._PID_OFFSET
     assert c_layout["conn_tuple.proto"][0] == conntrack._PROTO_OFFSET
     assert_mirrors(c_layout, "conn_stats", conntrack.CONN_STATS)
