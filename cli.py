@@ -35,24 +35,35 @@ polls every interval.
 Backends (--backend):
   tracepoint  stable tracepoints only: sock:sock_send_length,
               sock:sock_recv_length, sock:inet_sock_set_state,
-              tcp:tcp_retransmit_skb and syscalls:sys_{enter,exit}_* for the
-              UDP peer address.  Needs Linux 6.3 or newer; works on kernels
-              built without kprobes.
+              sock:sk_data_ready, tcp:tcp_retransmit_skb,
+              tcp:tcp_destroy_sock, and cgroup sendmsg/recvmsg hooks for the
+              UDP message address (syscall tracepoints where cgroup2 cannot
+              be used).  Needs Linux 6.3 or newer; works on kernels built
+              without kprobes.
   kprobe      kprobes and kretprobes on tcp_sendmsg, tcp_recvmsg,
-              udp_sendmsg, ... (kprobe PMU, else tracefs kprobe_events with
-              unique names removed on exit).  Any kernel with CONFIG_KPROBES.
+              udp_sendmsg, skb_consume_udp, ... (kprobe PMU, else tracefs
+              kprobe_events with unique names removed on exit; kretprobes
+              through tracefs with a large maxactive) and the tcp
+              tracepoints.  Any kernel with CONFIG_KPROBES.
   auto        (default) tracepoint where the kernel has it, else kprobe; the
               first line of the output and --check say which and why.
 
 What is counted: TCP over IPv4 and IPv6 (connect, accept, close, bytes the
 kernel accepted on send, bytes copied to the user on receive, MSG_PEEK
-excluded, retransmitted segments) and UDP over IPv4 and IPv6, connected or
-not (payload bytes; the peer of sendto/recvfrom is the message's address).
-A connection is one (pid, proto, family, local addr:port, remote
-addr:port, network namespace).  IPv4-mapped IPv6 is shown as IPv4.  A
-connection that opens, transfers and closes between two intervals is still
-shown once, with its bytes and state closed.  Idle UDP flows expire after
---udp-idle seconds, TCP entries never seen closing after --tcp-idle.
+excluded, retransmitted segments as tcpi_total_retrans counts them) and UDP
+over IPv4 and IPv6, connected or not (payload bytes; the peer of every
+datagram is its own, recv() and read() on an unconnected socket included).
+A record is one connection life of one process: (pid, proto, family, local
+addr:port, remote addr:port, network namespace) and which life of that
+tuple it is, so a tuple reused within an interval shows twice.  The tuple
+is the one the connection had while open: bytes read after a reset or a
+half-close stay on it.  A record turns closed once, at TCP_CLOSE, and
+never back; each process sharing a socket has its own.  comm is the
+process name.  IPv4-mapped IPv6 is shown as IPv4.  A connection that opens,
+transfers and closes between two intervals is still shown once, with its
+bytes and state closed.  Idle UDP flows expire after --udp-idle seconds,
+TCP records idle for --tcp-idle.  --pid, --port, --tcp/--udp, -4/-6 are
+applied in the kernel: filtered-out traffic creates no entry.
 
 Requirements: Linux with BPF (x86_64), root (CAP_BPF and CAP_PERFMON), and
 tracefs (mounted on demand).  Python 3.6 or newer, standard library only."""
