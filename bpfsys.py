@@ -504,8 +504,8 @@ class CgroupLink(KernelObject):
 
 class Cgroup2Root(object):
     """An open fd of the cgroup2 hierarchy's root: the machine's, where
-    mounted; else a private mount made for us (unmounted when the last link
-    using it closes).  Programs attached to the root run for every process."""
+    mounted; else a private mount made for us, detached again as soon as
+    the fd is open.  Programs attached to the root run for every process."""
 
     def __init__(self):
         self.refs = 0
@@ -522,9 +522,10 @@ class Cgroup2Root(object):
             self.path = self.mounted = path
         try:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
+        finally:
+            # the fd holds the cgroup: a private mount is not needed after
+            # this, and a tracer killed with SIGKILL leaves none behind
             self._unmount()
-            raise
 
     def acquire(self):
         self.refs += 1

@@ -175,6 +175,24 @@ def test_udp_message_addresses_come_from_cgroup_hooks_not_syscall_tracepoints():
     assert not [d for d in os.listdir("/run") if d.startswith("tracer-bpf-cgroup2")]
 
 
+def test_a_private_cgroup2_mount_is_gone_while_tracing(monkeypatch):
+    """Where no cgroup2 hierarchy is mounted, the tracer mounts one only to
+    open its root and detaches it at once: nothing stays mounted, even if
+    the tracer is killed."""
+    need_tracepoint_backend()
+    import bpfsys
+    import tracer
+    monkeypatch.setattr(bpfsys, "_cgroup2_mount", lambda: None)
+    with tracer.Tracer(backend="tracepoint") as t:
+        assert t.attach_notes == []
+        with open("/proc/self/mountinfo") as f:
+            assert "tracer-bpf" not in f.read()
+        assert not [d for d in os.listdir("/run") if d.startswith("tracer-bpf-cgroup2")]
+        col = Collector(t)
+        col.poll()
+        matrix.check_udp(col, 6, unconnected=True, hold=False)
+
+
 def test_without_cgroup2_the_syscall_tracepoints_give_the_udp_peers(monkeypatch):
     need_tracepoint_backend()
     import bpfsys
