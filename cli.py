@@ -86,7 +86,8 @@ output (table):
 output (--json): one JSON object per line on stdout.  After each interval,
   one {"type": "conn", ...} per connection active in it (fields: time,
   proto, family, pid, comm, laddr, lport, raddr, rport, netns, sent_bytes,
-  recv_bytes, sent_delta, recv_delta, retransmits, state, direction), then
+  recv_bytes, sent_delta, recv_delta, retransmits, state, direction,
+  start_time, duration: null where the start was not seen), then
   one {"type": "telemetry", ...} (tracked, lost, conn_lost, closed_lost,
   udp_lost, bytes_lost, stash_lost, shared_overflow, dirty_lost, missed,
   tuple_checked, tuple_mismatch,

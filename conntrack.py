@@ -43,7 +43,7 @@ TELEMETRY_NAMES = ("conn_lost", "closed_lost", "stash_lost", "tuple_mismatch", "
 
 FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "raddr", "rport",
           "netns", "sent_bytes", "recv_bytes", "sent_delta", "recv_delta", "retransmits",
-          "state", "direction")
+          "state", "direction", "start_time", "duration")
 
 
 class Conn(object):
@@ -191,7 +191,7 @@ class ConnTable(object):
         recs = self._close_siblings(recs, cur, gone)
         out = []
         for key, stats, old in recs:
-            c = self._conn(key, stats, old, start)
+            c = self._conn(key, stats, old, start, now_ns)
             if c is not None and (include is None or include(c)):
                 out.append(c)
         out.sort(key=lambda c: c.key)
@@ -247,10 +247,12 @@ class ConnTable(object):
             out.append((key, stats, old))
         return out, gone
 
-    def _conn(self, key, value, old, start):
+    def _conn(self, key, value, old, start, now_ns):
         """The record of one changed entry, or None if nothing it reports
-        moved."""
-        sent, recv, first_ns, last_ns, retr, direction, state, _, _, comm, _, _ = CONN_STATS.unpack(value)
+        moved.  start, now_ns: the poll's wall clock and monotonic time (the
+        kernel's clock)."""
+        (sent, recv, first_ns, last_ns, retr, direction, state, seen_start, _, comm, _,
+         _) = CONN_STATS.unpack(value)
         if old is not None:
             o_sent, o_recv, _, _, o_retr, _, o_state, _, _, _, _, _ = CONN_STATS.unpack(old)
             if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state):
@@ -272,6 +274,11 @@ class ConnTable(object):
         c.state = "closed" if state == STATE_CLOSED else "open"
         c.direction = DIRECTIONS.get(direction, "unknown")
         c.first_seen = old is None
+        if seen_start:  # the tracer saw the connection start (connect or accept)
+            c.start_time = round(start - (now_ns - first_ns) / 1e9, 3)
+            c.duration = round(max(0, (last_ns if state == STATE_CLOSED else now_ns) - first_ns) / 1e9, 3)
+        else:  # opened before the tracer, or UDP (no start): not guessed
+            c.start_time = c.duration = None
         return c
 
     def _close_siblings(self, recs, cur, gone):

@@ -557,6 +557,8 @@ INLINE void count_other(struct sock_info *si, struct offsets *o, __u32 tgid, __u
 			tele_addn(TELE_BYTES_LOST, sent + recv);
 			return;
 		}
+		s->first_ns = si->stats.first_ns; /* the connection's start, not this process's first use */
+		s->seen_start = si->stats.seen_start;
 		if (si->stats.state == CONN_CLOSED)
 			s->state = CONN_CLOSED;
 	}

@@ -55,6 +55,7 @@ def check_udp(col, family, unconnected, hold):
     assert (srv.family, srv.laddr, srv.raddr, srv.rport) == (family, addr, addr, p.client_port)
     assert cli.direction == "outgoing" and srv.direction == "incoming"
     assert cli.state == srv.state == "open"  # UDP has no close: idle flows expire
+    assert (cli.start_time, cli.duration) == (None, None)  # nor a start
     if hold:
         p.release()
         p.wait()
@@ -257,4 +258,49 @@ def test_sendfile_counts_bytes(col, tmp_path):
 
 def test_partial_send_counts_what_the_kernel_accepted(col):
     check_partial_send_counts_accepted(col)
+
+
+def test_lifetimes_start_time_and_duration(col):
+    """A connection the tracer saw start: its wall-clock start and how long
+    it lived (until TCP_CLOSE)."""
+    import time
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    t0 = time.time()
+    c = socket.create_connection(lst.getsockname())
+    s, _ = lst.accept()
+    c.sendall(b"l" * 100)
+    s.recv(100)
+    time.sleep(0.4)
+    c.close()
+    s.close()
+    t1 = time.time()
+    cli = col.one(pid=os.getpid(), rport=lst.getsockname()[1], state="closed")
+    srv = col.one(pid=os.getpid(), lport=lst.getsockname()[1], state="closed")
+    for rec in (cli, srv):
+        assert t0 - 0.05 <= rec.start_time <= t0 + 0.2, (rec.start_time, t0)
+        assert 0.35 <= rec.duration <= t1 - t0 + 0.05, (rec.duration, t1 - t0)
+    lst.close()
+
+
+def test_a_connection_opened_before_the_tracer_has_no_start(col):
+    """Adopted at its first send: start_time and duration are null, not
+    guessed."""
+    import tracer
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    c = socket.create_connection(lst.getsockname())
+    s, _ = lst.accept()
+    with tracer.Tracer(backend=col.tracer.backend) as t:
+        from conftest import Collector
+        late = Collector(t)
+        late.poll()
+        c.sendall(b"a" * 321)
+        s.recv(321)
+        rec = late.one(pid=os.getpid(), lport=c.getsockname()[1], sent_bytes=321)
+        assert (rec.start_time, rec.duration, rec.direction) == (None, None, "unknown")
+    for x in (c, s, lst):
+        x.close()
 

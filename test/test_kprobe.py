@@ -128,7 +128,9 @@ def test_kprobe_events_of_a_killed_tracer_removed_by_the_next_start():
 from matrix import (test_tcp_bytes_pids_ports, test_udp_bytes_pids_ports,  # noqa: F401,E402
                     test_short_lived_connection_reported_once_as_closed,
                     test_200_concurrent_connections, test_msg_peek_not_counted,
-                    test_sendfile_counts_bytes, test_partial_send_counts_what_the_kernel_accepted)
+                    test_sendfile_counts_bytes, test_partial_send_counts_what_the_kernel_accepted,
+                    test_lifetimes_start_time_and_duration,
+                    test_a_connection_opened_before_the_tracer_has_no_start)
 
 
 def test_guessed_offsets_reported(tracer_kp):

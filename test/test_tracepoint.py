@@ -32,7 +32,9 @@ def col(tracer_tp):
 from matrix import (test_tcp_bytes_pids_ports, test_udp_bytes_pids_ports,  # noqa: F401,E402
                     test_short_lived_connection_reported_once_as_closed,
                     test_200_concurrent_connections, test_msg_peek_not_counted,
-                    test_sendfile_counts_bytes, test_partial_send_counts_what_the_kernel_accepted)
+                    test_sendfile_counts_bytes, test_partial_send_counts_what_the_kernel_accepted,
+                    test_lifetimes_start_time_and_duration,
+                    test_a_connection_opened_before_the_tracer_has_no_start)
 
 
 def test_cross_check_of_guessed_offsets(col, tracer_tp):
