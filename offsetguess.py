@@ -369,6 +369,14 @@ def _guess_task(prober):
                      "(%s)" % (out.get("error") or why))
 
 
+def _is_our_datagram(at, payload, sport):
+    """at: the bytes around a pointer in an sk_buff (GUESS_SKB_BEFORE before
+    it): the pointer is skb->data when our payload is there, with our UDP
+    header (its source port first) right before it."""
+    return (at[GUESS_SKB_BEFORE:GUESS_SKB_BEFORE + len(payload)] == payload
+            and at[GUESS_SKB_BEFORE - 8:GUESS_SKB_BEFORE - 6] == sport)
+
+
 def _guess_skb_data(prober):
     """struct sk_buff's data pointer, seen in skb_consume_udp(): the slot
     pointing at the payload of a datagram we sent ourselves, with our UDP
@@ -395,9 +403,7 @@ def _guess_skb_data(prober):
             got = prober.probe_with(exchange, off, GUESS_SKB_AT)
             if got is None:
                 continue
-            at = got[0]
-            if at[GUESS_SKB_BEFORE:GUESS_SKB_BEFORE + len(payload)] == payload and \
-                    at[GUESS_SKB_BEFORE - 8:GUESS_SKB_BEFORE - 6] == sport:
+            if _is_our_datagram(got[0], payload, sport):
                 return off
     finally:
         a.close()
@@ -443,9 +449,7 @@ def _guess_udp_queues(prober):
         sport = struct.pack(">H", a.getsockname()[1])
         data = None
         for off in range(0, 256, 8):
-            at = dump_b(rcvq | (off << 16), GUESS_QSKB_AT)[0]
-            if at[GUESS_SKB_BEFORE:GUESS_SKB_BEFORE + len(payload)] == payload and \
-                    at[GUESS_SKB_BEFORE - 8:GUESS_SKB_BEFORE - 6] == sport:
+            if _is_our_datagram(dump_b(rcvq | (off << 16), GUESS_QSKB_AT)[0], payload, sport):
                 data = off
                 break
         if data is None:

@@ -148,6 +148,14 @@ PRELUDE = textwrap.dedent(r'''
         def report(self, **extra):
             say(side=self.truth(**extra))
 
+    def exchange(cli, srv, request, reply):
+        """The client sends request bytes, the server reads them and answers
+        reply bytes, which the client reads."""
+        cli.send(request)
+        srv.recv_exact(request)
+        srv.send(reply)
+        cli.recv_exact(reply)
+
     def connect(family, port):
         return socket.create_connection((ADDR[family], port), timeout=30)
 
@@ -593,10 +601,7 @@ TUPLE_REUSE = r'''
         c.bind((ADDR[family], port))
         c.connect((ADDR[family], lst.getsockname()[1]))
         cli, srv = Side(c, family), Side(lst.accept()[0], family)
-        cli.send(a)
-        srv.recv_exact(a)
-        srv.send(b)
-        cli.recv_exact(b)
+        exchange(cli, srv, a, b)
         linger0(c)
         c.close()             # RST: no TIME_WAIT, the tuple is free at once
         wait_state(srv.sock)
@@ -634,10 +639,7 @@ SOCKET_TWO_LIVES = r'''
     for life, (a, b) in enumerate([(1500, 2500), (3500, 4500)]):
         c.connect((ADDR[family], lst.getsockname()[1]))
         cli, srv = Side(c, family), Side(lst.accept()[0], family)
-        cli.send(a)
-        srv.recv_exact(a)
-        srv.send(b)
-        cli.recv_exact(b)
+        exchange(cli, srv, a, b)
         if life == 0:
             # connect(AF_UNSPEC) dissolves the connection (RST), the socket stays
             unspec = struct.pack("H14x", socket.AF_UNSPEC)
