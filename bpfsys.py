@@ -147,6 +147,21 @@ def gettid():
     return _libc.syscall(_SYSCALLS[_machine()][2])
 
 
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def missing_capabilities(status="/proc/self/status"):
+    """The capabilities tracing needs that this process's effective set
+    lacks: [] with CAP_SYS_ADMIN, or with CAP_BPF and CAP_PERFMON; else the
+    names of those of CAP_BPF and CAP_PERFMON missing."""
+    with open(status) as f:
+        eff = int([l.split()[1] for l in f if l.startswith("CapEff:")][0], 16)
+    if eff >> CAP_SYS_ADMIN & 1:
+        return []
+    return [n for n, bit in (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON))
+            if not eff >> bit & 1]
+
+
 def raise_memlock_limit():
     """Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK."""
     try:

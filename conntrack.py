@@ -8,6 +8,7 @@ closed.  Closed entries are deleted after they were reported once; idle ones
 expire (UDP after udp_idle seconds, TCP without a close after tcp_idle).
 """
 
+import collections
 import itertools
 import operator
 import socket
@@ -46,29 +47,71 @@ FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "r
           "state", "direction", "start_time", "duration")
 
 
-class Conn(object):
-    """One connection of one process, as the JSON "conn" record."""
+ConnKey = collections.namedtuple(
+    "ConnKey", "proto family pid laddr lport raddr rport netns life")
+ConnKey.__doc__ = """A record's identity, readable: one life of one connection of one
+process.  life tells two lives of one TCP 4-tuple apart (a number per
+connect or passive open; 0 for UDP and for a socket opened before the
+tracer)."""
 
-    __slots__ = FIELDS + ("key", "first_seen")
+
+class Conn(object):
+    """One connection life of one process, as the JSON "conn" record.
+
+    Attributes (the JSON fields, then two more):
+      type        "conn"
+      time        float, Unix time of the poll that reported it
+      proto       "tcp" or "udp"
+      family      4 or 6 (IPv4-mapped IPv6 is shown as 4)
+      pid         int, the process (thread group id)
+      comm        str, the process name (up to 15 characters)
+      laddr, lport  local address (str) and port (int)
+      raddr, rport  remote address and port; for UDP the peer of the datagrams
+      netns       int, the network namespace's inode number
+      sent_bytes, recv_bytes  int, bytes in total since the tracer first saw
+                  the connection (TCP: accepted by the kernel on send, copied
+                  to the user on receive; UDP: payload)
+      sent_delta, recv_delta  int, bytes since the previous poll
+      retransmits int, TCP segments retransmitted in total (tcpi_total_retrans)
+      state       "open" or "closed" (closed once, at TCP_CLOSE, never back)
+      direction   "outgoing" (connect), "incoming" (accept) or "unknown"
+      start_time  float Unix time the connection started (connect or accept),
+                  or None where the tracer did not see the start (opened
+                  before it; UDP)
+      duration    float seconds from start to close (or to now, if open), or
+                  None where start_time is None
+      key         ConnKey: the record's identity, stable from poll to poll
+      first_seen  bool, True the first time a record is reported
+      retrans_delta  int, retransmits since the previous poll
+    """
+
+    __slots__ = FIELDS + ("key", "first_seen", "retrans_delta", "_raw")
 
     def as_dict(self):
         return dict((f, getattr(self, f)) for f in FIELDS)
 
     def __repr__(self):
-        return "Conn(%s %s %s:%d -> %s:%d pid=%d sent=%d recv=%d %s)" % (
-            self.proto, self.comm, self.laddr, self.lport, self.raddr, self.rport, self.pid,
+        return "Conn(%s %s %s -> %s pid=%d sent=%d recv=%d %s)" % (
+            self.proto, self.comm, format_endpoint(self.laddr, self.lport),
+            format_endpoint(self.raddr, self.rport), self.pid,
             self.sent_bytes, self.recv_bytes, self.state)
 
 
+def format_endpoint(addr, port):
+    """'1.2.3.4:80', '[::1]:80'."""
+    return ("[%s]:%d" if ":" in addr else "%s:%d") % (addr, port)
+
+
 def decode_tuple(key):
-    saddr, daddr, netns, pid, sport, dport, family, proto, _, _ = CONN_TUPLE.unpack(key)
+    saddr, daddr, netns, pid, sport, dport, family, proto, _, life = CONN_TUPLE.unpack(key)
     if family == 4:
         laddr = socket.inet_ntop(socket.AF_INET, saddr[:4])
         raddr = socket.inet_ntop(socket.AF_INET, daddr[:4])
     else:
         laddr = socket.inet_ntop(socket.AF_INET6, saddr)
         raddr = socket.inet_ntop(socket.AF_INET6, daddr)
-    return (PROTO_NAMES.get(proto, str(proto)), family, pid, laddr, sport, raddr, dport, netns)
+    return ConnKey(PROTO_NAMES.get(proto, str(proto)), family, pid, laddr, sport, raddr, dport,
+                   netns, life)
 
 
 def monotonic_ns():
@@ -153,9 +196,11 @@ class ConnTable(object):
             if v is not None:
                 cur[key] = v
 
-    def poll(self, include=None, dirty_lost=0):
+    def poll(self, include=None, dirty_lost=0, everything=False):
         """Connections active since the previous poll (include: a filter
-        on the record; dirty_lost: the kernel's count of dirty-map misses)."""
+        on the record; dirty_lost: the kernel's count of dirty-map misses);
+        with everything, every connection tracked (deltas 0 where nothing
+        moved)."""
         start = time.time()
         now_ns = monotonic_ns()
         look = None
@@ -194,6 +239,10 @@ class ConnTable(object):
             c = self._conn(key, stats, old, start, now_ns)
             if c is not None and (include is None or include(c)):
                 out.append(c)
+        if everything:  # the entries that did not change, too (deltas 0)
+            seen = set(changed)
+            seen.update(c._raw for c in out)
+            out.extend(self._unchanged(seen, cur, start, now_ns, include))
         out.sort(key=lambda c: c.key)
         # expiry: on the values this process holds (the kernel marks every
         # change, so an entry idle here is idle there), every full_every
@@ -247,24 +296,27 @@ class ConnTable(object):
             out.append((key, stats, old))
         return out, gone
 
-    def _conn(self, key, value, old, start, now_ns):
+    def _conn(self, key, value, old, start, now_ns, unchanged=False):
         """The record of one changed entry, or None if nothing it reports
-        moved.  start, now_ns: the poll's wall clock and monotonic time (the
+        moved (unless unchanged: then it is reported anyway, with deltas 0).
+        start, now_ns: the poll's wall clock and monotonic time (the
         kernel's clock)."""
         (sent, recv, first_ns, last_ns, retr, direction, state, seen_start, _, comm, _,
          _) = CONN_STATS.unpack(value)
         if old is not None:
             o_sent, o_recv, _, _, o_retr, _, o_state, _, _, _, _, _ = CONN_STATS.unpack(old)
-            if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state):
+            if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state) and not unchanged:
                 return None
         else:
-            o_sent = o_recv = 0
+            o_sent = o_recv = o_retr = 0
         tup = self.decoded.get(key)
         if tup is None:
             tup = self.decoded[key] = decode_tuple(key)
         c = Conn()
-        c.key = key
-        (c.proto, c.family, c.pid, c.laddr, c.lport, c.raddr, c.rport, c.netns) = tup
+        c._raw = key
+        c.key = tup
+        (c.proto, c.family, c.pid, c.laddr, c.lport, c.raddr, c.rport, c.netns, _) = tup
+        c.retrans_delta = retr - o_retr
         c.type = "conn"
         c.time = round(start, 3)
         c.comm = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -280,6 +332,26 @@ class ConnTable(object):
         else:  # opened before the tracer, or UDP (no start): not guessed
             c.start_time = c.duration = None
         return c
+
+    def _unchanged(self, changed, cur, start, now_ns, include):
+        """Records of the entries in cur not in changed, deltas 0."""
+        out = []
+        for i, v in cur.items():
+            if i in changed:
+                continue
+            if len(i) == _SOCK_ID:
+                if not _HAS_TUPLE.unpack_from(v, CONN_TUPLE.size)[0]:
+                    continue
+                key, stats = v[SOCK_INFO_TUPLE], v[SOCK_INFO_STATS]
+                if not key[_PID_OFFSET:_PID_OFFSET + 4].strip(b"\0"):
+                    continue
+            else:
+                key, stats = i, v
+            c = self._conn(key, stats, stats, start, now_ns, unchanged=True)
+            c.first_seen = False
+            if include is None or include(c):
+                out.append(c)
+        return out
 
     def _close_siblings(self, recs, cur, gone):
         """A record of a process that shares a socket (after fork) closes

@@ -3,13 +3,18 @@
 
 Library:
     import tracer
-    with tracer.Tracer(backend="auto", tcp=True, udp=True, ipv6=True) as t:
-        for conn in t.poll():     # connections active since the previous poll
-            print(conn.pid, conn.laddr, conn.lport, conn.sent_bytes)
+    with tracer.Tracer(tcp=True, udp=True, rport=443) as t:
+        for conns in t.watch(2):  # every 2 s: the connections active in it
+            for c in conns:       # tracer.Conn: help(tracer.Conn) lists the fields
+                print(c.pid, c.comm, c.raddr, c.rport, c.sent_delta, c.recv_delta)
+
+    t.poll() returns what changed since the previous poll, t.snapshot()
+    every connection tracked, t.telemetry() the tracer's own counters.
 
 Command line: sudo python3 tracer.py --interval 2 (see --help).
 """
 
+import ipaddress
 import os
 import sys
 import threading
@@ -31,25 +36,71 @@ class TracerError(RuntimeError):
     verifier rejection) saying what failed."""
 
 
+Conn = conntrack.Conn
+ConnKey = conntrack.ConnKey
+
+
+def needs_privilege(missing):
+    """The one-line error for missing capabilities (names)."""
+    return ("tracing needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); this process lacks %s: "
+            "run it with sudo" % " and ".join(missing))
+
+
 def _bad_object(e):
     """The TracerError of an ObjectError ("<path>: what is wrong"): one line."""
     return TracerError("bad BPF object %s (rebuild it with make, or copy the tracer directory "
                        "again)" % "\\n".join(str(e).splitlines()))
 
 
+def _ports(value, what):
+    """A set of ports from None, an int, or an iterable of ints."""
+    if value is None:
+        return None
+    ports = set([value] if isinstance(value, int) else value)
+    if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+        raise TracerError("%s: a port is a whole number from 1 to 65535, got %r" % (what, value))
+    return frozenset(ports)
+
+
+def _networks(value):
+    """A tuple of ipaddress networks from None, an address or CIDR string,
+    or an iterable of them."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    try:
+        return tuple(ipaddress.ip_network(a, strict=False) for a in items)
+    except ValueError as e:
+        raise TracerError("raddr: %s" % e)
+
+
 class Tracer(object):
     """Loads tracer.bpf.o, guesses offsets, attaches a backend, polls.
 
     backend: "auto", "kprobe" or "tracepoint".  tcp/udp/ipv4/ipv6: what to
-    trace.  pid: only this process's connections; port: only connections
-    with this local or remote port.  udp_idle/tcp_idle: seconds after
-    which an idle UDP flow, or a TCP connection never seen closing, expires.
-    max_conns: size of the connection table in the kernel.
+    trace.  Filters (a connection must match all that are given):
+      pid     only this process's connections
+      port    a port or ports: connections with one of them as local or
+              remote port
+      lport, rport  a port or ports: the local / remote port must be one
+      raddr   an address or CIDR ("10.0.0.0/8", "::1"), or several: the
+              remote address must be in one
+      comm    a process name or names (exact, as shown: up to 15 chars)
+    pid, tcp/udp, the families and a single port (of port, else lport,
+    else rport) are applied in the kernel: traffic they exclude creates no
+    entry; the rest is applied to the records.  udp_idle/tcp_idle: seconds
+    after which an idle UDP flow, or a TCP connection never seen closing,
+    expires.  max_conns: size of the connection tables in the kernel.
+
+    poll() returns the connections that changed since the previous poll,
+    snapshot() every connection tracked, watch(interval) yields poll()
+    every interval; each record is a conntrack.Conn (help(tracer.Conn)
+    lists its fields).  After close(), they raise TracerError.
     """
 
     def __init__(self, backend="auto", tcp=True, udp=True, ipv6=True, pid=None,
                  ipv4=True, port=None, udp_idle=30.0, tcp_idle=600.0, max_conns=None, obj_path=None,
-                 kprobe_method="auto"):
+                 kprobe_method="auto", lport=None, rport=None, raddr=None, comm=None):
         self._coll = None
         self._links = []
         self.started = time.time()
@@ -58,7 +109,12 @@ class Tracer(object):
         if not (ipv4 or ipv6):
             raise TracerError("nothing to trace: both IPv4 and IPv6 are off")
         self.tcp, self.udp, self.ipv4, self.ipv6 = tcp, udp, ipv4, ipv6
-        self.pid, self.port = pid, port
+        self.pid = pid
+        self.port, self.lport, self.rport = _ports(port, "port"), _ports(lport, "lport"), \
+            _ports(rport, "rport")
+        self.raddr = _networks(raddr)
+        self.comm = None if comm is None else frozenset(
+            [comm[:15]] if isinstance(comm, str) else (c[:15] for c in comm))
         try:
             self._open(backend, obj_path or OBJECT_PATH, max_conns, kprobe_method,
                        udp_idle, tcp_idle)
@@ -68,8 +124,9 @@ class Tracer(object):
         self.ready_seconds = time.time() - self.started
 
     def _open(self, backend, obj_path, max_conns, kprobe_method, udp_idle, tcp_idle):
-        if os.geteuid() != 0:
-            raise TracerError("tracer-bpf needs root (CAP_BPF and CAP_PERFMON): run it with sudo")
+        missing = bpfsys.missing_capabilities()
+        if missing:
+            raise TracerError(needs_privilege(missing))
         if not os.path.exists(obj_path):
             raise TracerError("the BPF object %s is missing: copy the whole tracer directory "
                               "(or run make to build it)" % obj_path)
@@ -110,7 +167,7 @@ class Tracer(object):
         self.offsets.filters = {
             "want": ((offsetguess.WANT_TCP if self.tcp else 0) | (offsetguess.WANT_UDP if self.udp else 0)
                      | (offsetguess.WANT_V4 if self.ipv4 else 0) | (offsetguess.WANT_V6 if self.ipv6 else 0)),
-            "pid_filter": self.pid or 0, "port_filter": self.port or 0}
+            "pid_filter": self.pid or 0, "port_filter": self._kernel_port()}
         self._coll.maps["offsets"].update(b"\0\0\0\0", self.offsets.pack())
         try:
             self.attach_notes = []
@@ -124,6 +181,13 @@ class Tracer(object):
             dirty=self._coll.maps["dirty"],
             set_gen=lambda gen: offsets_map.update(b"\0\0\0\0", self.offsets.pack(gen)))
 
+    def _kernel_port(self):
+        """The one port every wanted connection has on one side, or 0."""
+        for ports in (self.port, self.lport, self.rport):
+            if ports is not None and len(ports) == 1:
+                return next(iter(ports))
+        return 0
+
     def _include(self, c):
         if self.pid is not None and c.pid != self.pid:
             return False
@@ -131,18 +195,66 @@ class Tracer(object):
             return False
         if (c.family == 6 and not self.ipv6) or (c.family == 4 and not self.ipv4):
             return False
-        if self.port is not None and self.port not in (c.lport, c.rport):
+        if self.port is not None and c.lport not in self.port and c.rport not in self.port:
             return False
+        if self.lport is not None and c.lport not in self.lport:
+            return False
+        if self.rport is not None and c.rport not in self.rport:
+            return False
+        if self.comm is not None and c.comm not in self.comm:
+            return False
+        if self.raddr is not None:
+            a = ipaddress.ip_address(c.raddr)
+            if not any(a.version == n.version and a in n for n in self.raddr):
+                return False
         return True
+
+    def _table_or_raise(self):
+        if self._coll is None:
+            raise TracerError("the tracer is closed")
+        return self._table
 
     def poll(self):
         """Connections that opened, moved bytes, retransmitted or closed since
-        the previous poll; each a conntrack.Conn with the JSON fields."""
+        the previous poll: a list of Conn (help(tracer.Conn))."""
+        return self._poll(False)
+
+    def snapshot(self):
+        """Every connection tracked (open, or closed since the previous
+        poll): a poll that also returns the records that did not change
+        (their deltas are 0)."""
+        return self._poll(True)
+
+    def _poll(self, everything):
+        table = self._table_or_raise()
         lost = self._coll.maps["telemetry"].lookup(_TELE_DIRTY_LOST)
-        return self._table.poll(self._include, int.from_bytes(lost, "little"))
+        return table.poll(self._include, int.from_bytes(lost, "little"), everything)
+
+    def watch(self, interval=2.0, count=None, everything=False):
+        """Yield poll() (snapshot() with everything) every interval seconds,
+        count times or until close() or Ctrl-C; on Ctrl-C the partial
+        interval is yielded last and the iteration ends."""
+        if not interval > 0:
+            raise TracerError("interval: must be more than 0 seconds, got %r" % (interval,))
+        self._table_or_raise()
+        n = 0
+        next_at = time.monotonic() + interval
+        while count is None or n < count:
+            try:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+            except KeyboardInterrupt:
+                if self._coll is not None:
+                    yield self._poll(everything)
+                return
+            if self._coll is None:
+                return
+            yield self._poll(everything)
+            n += 1
+            next_at = max(next_at + interval, time.monotonic())
 
     def telemetry(self):
         """Counters: connections tracked, entries lost, poll time, ..."""
+        self._table_or_raise()
         raw = dict(self._coll.maps["telemetry"].items())
         t = {"type": "telemetry", "time": round(time.time(), 3), "backend": self.backend,
              "tracked": self._table.tracked, "expired": self._table.expired,

@@ -133,7 +133,7 @@ def test_idle_udp_flows_expire():
         s.sendto(b"e" * 42, ("127.0.0.1", 9))
         first = [c for c in t.poll() if c.lport == s.getsockname()[1]]
         assert [(c.sent_bytes, c.pid) for c in first] == [(42, os.getpid())]
-        key = first[0].key
+        key = first[0]._raw  # the map key
         time.sleep(0.5)
         t.poll()  # past udp_idle: the entry goes
         assert t._coll.maps["conns"].lookup(key) is None
