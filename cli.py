@@ -8,6 +8,7 @@ SIGINT and SIGTERM print the last partial interval, detach, and exit 0.
 """
 
 import argparse
+import ipaddress
 import json
 import os
 import platform
@@ -18,6 +19,9 @@ import sys
 import textwrap
 import time
 import traceback
+
+import bpfsys
+import tracer
 
 PROG = "tracer"
 
@@ -151,49 +155,156 @@ def _port(text):
     return v
 
 
+def _listed(convert):
+    """An argparse type for comma-separated values: a list of convert()s
+    (with action="append": a list of lists, flattened later)."""
+    def parse(text):
+        items = [t.strip() for t in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError("%r: an empty item in the list" % text)
+        return [convert(t) for t in items]
+    return parse
+
+
+def _network(text):
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an address or CIDR (10.0.0.0/8, ::1)" % text)
+    return text
+
+
+def _comm(text):
+    if len(text) > 15:
+        raise argparse.ArgumentTypeError("%r: a process name is at most 15 characters "
+                                         "(the kernel's comm)" % text)
+    return text
+
+
+def _listen_address(text):
+    import prometheus
+    try:
+        return prometheus.parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+SORT_KEYS = ("bytes", "total", "tx", "rx", "pid", "duration", "conns")
+
+
 def parser():
     p = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-        usage="sudo python3 tracer.py [options]   or   python3 tracer.py --check [--json]",
+        usage="sudo python3 tracer.py [options] [interval [count]]\n"
+              "       python3 tracer.py --check [--json]",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS",
+    p.add_argument("interval_pos", nargs="?", type=_positive_float, metavar="interval",
+                   help="seconds between outputs, as --interval")
+    p.add_argument("count_pos", nargs="?", type=_positive_int, metavar="count",
+                   help="number of outputs, as --count")
+    p.add_argument("--interval", type=_positive_float, metavar="SECONDS",
                    help="seconds between outputs (default 2)")
     p.add_argument("--count", type=_positive_int, metavar="N",
                    help="stop after N intervals (default: until Ctrl-C or SIGTERM)")
-    p.add_argument("--json", action="store_true",
-                   help="NDJSON on stdout instead of the table (with --check: one JSON object)")
-    p.add_argument("--backend", choices=("auto", "kprobe", "tracepoint"), default="auto",
-                   help="how to hook the kernel (default auto: see above)")
-    p.add_argument("--pid", type=_positive_int, metavar="PID",
-                   help="only this process's connections")
-    proto = p.add_mutually_exclusive_group()
+    view = p.add_argument_group("what is shown")
+    view.add_argument("-P", "--by-process", action="store_true",
+                      help="one row per process (its connections, bytes and rates) instead of "
+                           "one per connection")
+    view.add_argument("--sort", choices=SORT_KEYS, default="bytes",
+                      help="row order: bytes (in the interval, default), total (since first "
+                           "seen), tx, rx (in the interval), pid, duration (connections: the "
+                           "longest first), conns (-P: the most connections first)")
+    view.add_argument("--rate", action="store_true",
+                      help="TX/s and RX/s (bytes per second over the interval) instead of "
+                           "bytes in the interval")
+    view.add_argument("-C", "--scroll", action="store_true",
+                      help="append each interval instead of redrawing the screen (the default "
+                           "when stdout is not a terminal)")
+    view.add_argument("--rows", type=_positive_int, metavar="N",
+                      help="at most N rows an interval, then a '+M more' line (default: what "
+                           "fits the terminal; all when stdout is not a terminal)")
+    view.add_argument("--json", action="store_true",
+                      help="NDJSON on stdout instead of the table (with --check: one JSON object)")
+    view.add_argument("-q", "--quiet", action="store_true",
+                      help="print no intervals (with --prometheus: only serve the metrics)")
+    filt = p.add_argument_group("filters (a connection must match every one given)")
+    filt.add_argument("--pid", type=_positive_int, metavar="PID",
+                      help="only this process's connections")
+    proto = filt.add_mutually_exclusive_group()
     proto.add_argument("--tcp", action="store_true", help="only TCP")
     proto.add_argument("--udp", action="store_true", help="only UDP")
-    fam = p.add_mutually_exclusive_group()
+    fam = filt.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="ipv4_only", action="store_true", help="only IPv4")
     fam.add_argument("-6", dest="ipv6_only", action="store_true", help="only IPv6")
-    p.add_argument("--port", type=_port, metavar="PORT",
-                   help="only connections with this local or remote port")
-    p.add_argument("--udp-idle", type=_positive_float, default=30.0, metavar="SECONDS",
-                   help="forget a UDP flow idle this long (default 30)")
-    p.add_argument("--tcp-idle", type=_positive_float, default=600.0, metavar="SECONDS",
-                   help="forget a TCP connection never seen closing, idle this long (default 600)")
-    p.add_argument("--max-conns", type=_positive_int, metavar="N",
-                   help="capacity of the kernel's tables (default 65536): N live TCP "
-                        "sockets, and N other records (UDP flows, TCP connections ended since "
-                        "the last poll, other processes' use of a shared socket); what does "
-                        "not fit is counted in telemetry (conn_lost, closed_lost, udp_lost, "
-                        "bytes_lost), never dropped silently")
-    p.add_argument("--check", action="store_true",
-                   help="report the kernel, backends, hooks and guessed offsets; exit 0 if "
-                        "tracing works, else 1")
-    p.add_argument("--verbose", action="store_true", help="tracebacks on errors")
-    p.add_argument("--kprobe-method", choices=("auto", "pmu", "tracefs"), default="auto",
-                   help="for developers: attach kprobes through the kprobe PMU, tracefs "
-                        "kprobe_events, or auto (the PMU where present)")
-    p.add_argument("--object", metavar="PATH",
-                   help="for developers: load this BPF object instead of tracer.bpf.o")
+    filt.add_argument("--port", type=_listed(_port), action="append", metavar="PORT[,PORT]",
+                      help="local or remote port is one of these (repeatable)")
+    filt.add_argument("--lport", type=_listed(_port), action="append", metavar="PORT[,PORT]",
+                      help="local port is one of these (repeatable)")
+    filt.add_argument("--rport", type=_listed(_port), action="append", metavar="PORT[,PORT]",
+                      help="remote port is one of these (repeatable)")
+    filt.add_argument("--raddr", type=_listed(_network), action="append",
+                      metavar="ADDR[/BITS][,...]",
+                      help="remote address is one of these or in one of these networks "
+                           "(repeatable)")
+    filt.add_argument("--comm", type=_listed(_comm), action="append", metavar="NAME[,NAME]",
+                      help="process name is one of these, exactly as shown in COMM (repeatable)")
+    prom = p.add_argument_group("Prometheus")
+    prom.add_argument("--prometheus", type=_listen_address, metavar="[ADDR:]PORT",
+                      help="serve the counters on http://ADDR:PORT/metrics (all addresses "
+                           "when ADDR is left out; port 0: any free port, said on stderr)")
+    prom.add_argument("--prometheus-max-series", type=_positive_int, default=1000, metavar="N",
+                      help="at most N label sets per metric; the rest fold into one series "
+                           "labelled other, counted in tracer_series_folded_total "
+                           "(default 1000)")
+    tune = p.add_argument_group("tracing")
+    tune.add_argument("--backend", choices=("auto", "kprobe", "tracepoint"), default="auto",
+                      help="how to hook the kernel (default auto: see above)")
+    tune.add_argument("--udp-idle", type=_positive_float, default=30.0, metavar="SECONDS",
+                      help="forget a UDP flow idle this long (default 30)")
+    tune.add_argument("--tcp-idle", type=_positive_float, default=600.0, metavar="SECONDS",
+                      help="forget a TCP connection never seen closing, idle this long "
+                           "(default 600)")
+    tune.add_argument("--max-conns", type=_positive_int, metavar="N",
+                      help="capacity of the kernel's tables (default 65536): N live TCP "
+                           "sockets, and N other records (UDP flows, TCP connections ended "
+                           "since the last poll, other processes' use of a shared socket); "
+                           "what does not fit is counted in telemetry (conn_lost, closed_lost, "
+                           "udp_lost, bytes_lost), never dropped silently")
+    tune.add_argument("--check", action="store_true",
+                      help="report the kernel, backends, hooks and guessed offsets; exit 0 if "
+                           "tracing works, else 1")
+    tune.add_argument("--verbose", action="store_true", help="tracebacks on errors")
+    tune.add_argument("--kprobe-method", choices=("auto", "pmu", "tracefs"), default="auto",
+                      help="for developers: attach kprobes through the kprobe PMU, tracefs "
+                           "kprobe_events, or auto (the PMU where present)")
+    tune.add_argument("--object", metavar="PATH",
+                      help="for developers: load this BPF object instead of tracer.bpf.o")
     return p
+
+
+def parse_args(argv=None):
+    """The arguments, checked together; argparse's exit 2 on bad ones."""
+    p = parser()
+    args = p.parse_args(argv)
+    for name in ("interval", "count"):
+        pos = getattr(args, name + "_pos")
+        if pos is not None:
+            if getattr(args, name) is not None:
+                p.error("the %s is given twice (as --%s and as a positional argument)"
+                        % (name, name))
+            setattr(args, name, pos)
+    if args.interval is None:
+        args.interval = 2.0
+    for name in ("port", "lport", "rport", "raddr", "comm"):
+        lists = getattr(args, name)
+        setattr(args, name, None if lists is None else sorted(set(sum(lists, []))))
+    if args.sort == "conns" and not args.by_process:
+        p.error("argument --sort: conns is for the per-process view (-P)")
+    if args.sort == "duration" and args.by_process:
+        p.error("argument --sort: duration is for the connection view (without -P)")
+    if args.quiet and args.prometheus is None:
+        p.error("argument -q/--quiet: only with --prometheus (else nothing would be shown)")
+    return args
 
 
 # --- formatting ----------------------------------------------------------
@@ -212,83 +323,180 @@ def human_bytes(n):
     return "%dE" % int(round(v / 1024.0))
 
 
-def ellipsize(text, width):
-    """text shortened in the middle to width, keeping both ends."""
-    if len(text) <= width:
-        return text
-    if width <= 1:
-        return text[:width]
-    if width <= 3:
-        return text[:width]
-    head = (width - 2) // 2
-    tail = width - 2 - head
-    return text[:head] + ".." + text[len(text) - tail:]
+def human_duration(seconds):
+    """'-' for unknown, else at most 6 characters: 0.25s, 42.0s, 12m05s,
+    3h07m, 5d04h."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return "%.2fs" % seconds
+    if seconds < 60:
+        return "%.1fs" % seconds
+    s = int(seconds)
+    if s < 3600:
+        return "%dm%02ds" % (s // 60, s % 60)
+    if s < 86400:
+        return "%dh%02dm" % (s // 3600, s % 3600 // 60)
+    return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
 
 
-def endpoint(addr, port, width=None):
-    """'addr:port' ('[v6]:port' is avoided: columns separate endpoints);
-    shortened in the address, never in the port."""
-    tail = ":%d" % port
-    if width is None or len(addr) + len(tail) <= width:
-        return addr + tail
-    return ellipsize(addr, max(1, width - len(tail))) + tail
+def endpoint(addr, port):
+    """'10.0.0.1:80', '[::1]:80': never shortened."""
+    return ("[%s]:%d" if ":" in addr else "%s:%d") % (addr, port)
 
 
-def sort_key(c):
-    return (-(c.sent_delta + c.recv_delta), -(c.sent_bytes + c.recv_bytes), c.pid, c.lport)
+def _duration_key(c):
+    return -1.0 if c.duration is None else c.duration
 
 
-# (header, align) of each column; widths are fitted to the rows
-COLUMNS = (("PID", ">"), ("COMM", "<"), ("PROTO", "<"), ("LADDR:LPORT", "<"),
-           ("RADDR:RPORT", "<"), ("TX", ">"), ("RX", ">"), ("TXTOT", ">"), ("RXTOT", ">"),
-           ("STATE", "<"))
-COMM_MAX, COMM_MIN = 12, 7
-ADDR_MIN = 12
+# sort keys: the first item is the --sort choice, then ties by bytes
+SORTS = {
+    "bytes": lambda c: (-(c.sent_delta + c.recv_delta), -(c.sent_bytes + c.recv_bytes)),
+    "total": lambda c: (-(c.sent_bytes + c.recv_bytes), -(c.sent_delta + c.recv_delta)),
+    "tx": lambda c: (-c.sent_delta, -c.sent_bytes),
+    "rx": lambda c: (-c.recv_delta, -c.recv_bytes),
+    "pid": lambda c: (c.pid,),
+    "duration": lambda c: (-_duration_key(c),),
+    "conns": lambda c: (-c.conns, -(c.sent_delta + c.recv_delta)),
+}
 
 
-def table_rows(conns, width):
-    """Header and rows (strings, none longer than width where the
-    connection fits at all) for these connections, in sort order."""
-    cells = []
-    for c in sorted(conns, key=sort_key):
-        cells.append([str(c.pid), c.comm, c.proto, (c.laddr, c.lport), (c.raddr, c.rport),
-                      human_bytes(c.sent_delta), human_bytes(c.recv_delta),
-                      human_bytes(c.sent_bytes), human_bytes(c.recv_bytes), c.state])
-    widths = [len(h) for h, _ in COLUMNS]
-    for row in cells:
-        for i, v in enumerate(row):
-            n = len(endpoint(*v)) if isinstance(v, tuple) else len(v)
-            widths[i] = max(widths[i], n)
-    widths[1] = min(widths[1], COMM_MAX)
-    # shrink to the terminal: COMM first, then the addresses, local first
-    over = sum(widths) + len(widths) - 1 - width
-    if over > 0:
-        cut = min(over, widths[1] - max(COMM_MIN, len("COMM")))
-        widths[1] -= max(0, cut)
-        over -= max(0, cut)
-    while over > 0 and max(widths[3], widths[4]) > ADDR_MIN:
-        widths[3 if widths[3] >= widths[4] else 4] -= 1  # the longer, local on a tie
-        over -= 1
-    if over > 0:  # a very narrow terminal: share what is left
-        for i in (3, 4):
-            cut = min(over, widths[i] - len("RADDR:RPORT"))
-            if cut > 0:
-                widths[i] -= cut
-                over -= cut
+def sort_rows(rows, key="bytes"):
+    first = SORTS[key]
+    return sorted(rows, key=lambda c: first(c) + (c.pid, getattr(c, "lport", 0),
+                                                  getattr(c, "rport", 0)))
+
+
+class Column(object):
+    """A table column: header, alignment, how to show a row, and when to
+    give way on a narrow terminal (drop: dropped in rising order, 0 never;
+    narrow: the least width it can be cut to, None: never cut)."""
+
+    def __init__(self, head, align, show, drop=0, narrow=None):
+        self.head, self.align, self.show, self.drop, self.narrow = head, align, show, drop, narrow
+
+
+def _interval_bytes(attr, seconds):
+    if seconds:
+        return lambda c: human_bytes(int(round(getattr(c, attr) / seconds)))
+    return lambda c: human_bytes(getattr(c, attr))
+
+
+def conn_columns(rate_seconds=None):
+    """The columns of the connection view; with rate_seconds, TX/s, RX/s."""
+    suffix = "/s" if rate_seconds else ""
+    return [
+        Column("PID", ">", lambda c: str(c.pid)),
+        Column("COMM", "<", lambda c: c.comm, narrow=7),
+        Column("PROTO", "<", lambda c: c.proto, drop=5),
+        Column("LADDR:LPORT", "<", lambda c: endpoint(c.laddr, c.lport), drop=3),
+        Column("LPORT", ">", lambda c: str(c.lport), drop=6),  # where LADDR:LPORT is dropped
+        Column("RADDR:RPORT", "<", lambda c: endpoint(c.raddr, c.rport)),
+        Column("TX" + suffix, ">", _interval_bytes("sent_delta", rate_seconds)),
+        Column("RX" + suffix, ">", _interval_bytes("recv_delta", rate_seconds)),
+        Column("TXTOT", ">", lambda c: human_bytes(c.sent_bytes), drop=1),
+        Column("RXTOT", ">", lambda c: human_bytes(c.recv_bytes), drop=1),
+        Column("DUR", ">", lambda c: human_duration(c.duration), drop=4),
+        Column("STATE", "<", lambda c: c.state, drop=2),
+    ]
+
+
+def process_columns(rate_seconds=None):
+    suffix = "/s" if rate_seconds else ""
+    return [
+        Column("PID", ">", lambda p: str(p.pid)),
+        Column("COMM", "<", lambda p: p.comm, narrow=7),
+        Column("CONNS", ">", lambda p: str(p.conns)),
+        Column("TCP", ">", lambda p: str(p.tcp), drop=2),
+        Column("UDP", ">", lambda p: str(p.udp), drop=2),
+        Column("TX" + suffix, ">", _interval_bytes("sent_delta", rate_seconds)),
+        Column("RX" + suffix, ">", _interval_bytes("recv_delta", rate_seconds)),
+        Column("TXTOT", ">", lambda p: human_bytes(p.sent_bytes), drop=1),
+        Column("RXTOT", ">", lambda p: human_bytes(p.recv_bytes), drop=1),
+    ]
+
+
+def render_table(columns, rows, width):
+    """The header line and one line per row, each at most width characters:
+    columns with a drop rank give way first (lowest rank first; LPORT is
+    shown only where LADDR:LPORT gave way), then the narrowable ones are
+    cut; an address is never cut."""
+    cells = [[col.show(r) for col in columns] for r in rows]
+    widths = [max([len(col.head)] + [len(row[i]) for row in cells]) for i, col in enumerate(columns)]
+    shown = [col.head != "LPORT" for col in columns]
+
+    def total():
+        return sum(w for w, s in zip(widths, shown) if s) + sum(shown) - 1
+
+    for rank in sorted(set(c.drop for c in columns if c.drop)):
+        if total() <= width:
+            break
+        for i, col in enumerate(columns):
+            if col.drop == rank:
+                shown[i] = False
+            if col.head == "LPORT" and columns[i - 1].drop == rank:
+                shown[i] = True  # the local port stays where its address goes
+    for i, col in enumerate(columns):
+        if shown[i] and col.narrow is not None and total() > width:
+            widths[i] = max(col.narrow, len(col.head), widths[i] - (total() - width))
 
     def line(values):
         out = []
-        for (head, align), w, v in zip(COLUMNS, widths, values):
-            if isinstance(v, tuple):
-                v = endpoint(v[0], v[1], w)
-            out.append(("%" + ("-" if align == "<" else "") + "*s") % (w, v[:w]))
-        return " ".join(out).rstrip()
+        for col, w, s, v in zip(columns, widths, shown, values):
+            if s:
+                out.append(("%-*s" if col.align == "<" else "%*s") % (w, v[:w]))
+        return " ".join(out).rstrip()[:width]
 
-    return [line([h for h, _ in COLUMNS])] + [line(r) for r in cells]
+    return [line([c.head for c in columns])] + [line(r) for r in cells]
 
 
-def terminal_width():
-    return max(40, shutil.get_terminal_size((80, 24)).columns)
+class Proc(object):
+    """One row of the per-process view."""
+    __slots__ = ("pid", "comm", "conns", "tcp", "udp", "sent_delta", "recv_delta",
+                 "sent_bytes", "recv_bytes")
+
+    def as_dict(self, now):
+        d = dict((f, getattr(self, f)) for f in self.__slots__)
+        d["type"], d["time"] = "process", now
+        return d
+
+
+class ProcessTotals(object):
+    """Per-process totals from snapshots: the connections each process has
+    now, and its bytes since the tracer first saw it (connections that
+    ended included)."""
+
+    def __init__(self):
+        self.totals = {}   # pid -> [sent, recv]
+
+    def update(self, conns):
+        procs = {}
+        for c in conns:
+            p = procs.get(c.pid)
+            if p is None:
+                p = procs[c.pid] = Proc()
+                p.pid, p.comm = c.pid, c.comm
+                p.conns = p.tcp = p.udp = p.sent_delta = p.recv_delta = 0
+            if c.state == "open":
+                p.conns += 1
+                if c.proto == "tcp":
+                    p.tcp += 1
+                else:
+                    p.udp += 1
+            p.sent_delta += c.sent_delta
+            p.recv_delta += c.recv_delta
+        totals = {}
+        for pid, p in procs.items():
+            t = self.totals.get(pid, (0, 0))
+            totals[pid] = (t[0] + p.sent_delta, t[1] + p.recv_delta)
+            p.sent_bytes, p.recv_bytes = totals[pid]
+        self.totals = totals  # a process with no connection left is forgotten
+        return list(procs.values())
+
+
+def terminal_size():
+    size = shutil.get_terminal_size((80, 24))
+    return max(40, size.columns), max(5, size.lines)
 
 
 def describe_filters(args):
@@ -297,10 +505,11 @@ def describe_filters(args):
         what += " over IPv4"
     elif args.ipv6_only:
         what += " over IPv6"
-    if args.pid:
-        what += " of pid %d" % args.pid
-    if args.port:
-        what += " on port %d" % args.port
+    for name, label in (("pid", "pid"), ("comm", "comm"), ("port", "port"), ("lport", "lport"),
+                        ("rport", "rport"), ("raddr", "raddr")):
+        v = getattr(args, name)
+        if v:
+            what += " %s %s" % (label, v if isinstance(v, int) else ",".join(map(str, v)))
     return what
 
 
@@ -353,72 +562,143 @@ class Stopper(object):
 # --- tracing -------------------------------------------------------------
 
 def open_tracer(args):
-    import tracer
     return tracer.Tracer(backend=args.backend, tcp=not args.udp, udp=not args.tcp,
                          ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, pid=args.pid,
-                         port=args.port, udp_idle=args.udp_idle, tcp_idle=args.tcp_idle,
+                         port=args.port, lport=args.lport, rport=args.rport, raddr=args.raddr,
+                         comm=args.comm, udp_idle=args.udp_idle, tcp_idle=args.tcp_idle,
                          max_conns=args.max_conns, obj_path=args.object,
                          kprobe_method=args.kprobe_method)
 
 
+# the terminal: cursor home, clear to the end of the line / of the screen
+HOME, CLEAR_EOL, CLEAR_EOS = "\033[H", "\033[K", "\033[J"
+
+
 class Output(object):
-    """Writes each interval as a table or as NDJSON, flushed."""
+    """Writes each interval: a screen redrawn in place (a terminal), a
+    table appended (-C, or stdout not a terminal), or NDJSON."""
 
     def __init__(self, args, tr, stream):
         self.args, self.tr, self.out = args, tr, stream
         self.intervals = 0
+        self.live = stream.isatty() and not args.scroll and not args.json
+        self.procs = ProcessTotals() if args.by_process else None
+        self.last_at = time.monotonic()
 
     def start(self):
-        what = describe_filters(self.args)
-        msg = "Tracing %s with the %s backend (%s)." % (what, self.tr.backend, self.tr.backend_reason)
-        if self.args.json:
-            sys.stderr.write("%s: %s\n" % (PROG, msg[0].lower() + msg[1:]))
+        msg = "tracing %s with the %s backend" % (describe_filters(self.args), self.tr.backend)
+        if self.args.json or self.args.quiet:
+            sys.stderr.write("%s: %s\n" % (PROG, msg))
             sys.stderr.flush()
             return
-        msg += " Ctrl-C to end."
-        self.out.write(textwrap.fill(msg, terminal_width()) + "\n")
+        msg = msg[0].upper() + msg[1:] + "; Ctrl-C to end."
+        self.out.write(textwrap.fill(msg, terminal_size()[0]) + "\n")
         self.out.flush()
 
     def interval(self, conns, final=False):
-        """conns: what Tracer.poll() returned (filters applied)."""
+        """conns: what Tracer.poll() (snapshot() with -P) returned."""
         self.intervals += 1
+        now = time.monotonic()
+        seconds, self.last_at = max(now - self.last_at, 1e-3), now
         tele = self.tr.telemetry()
+        rows = self.procs.update(conns) if self.procs is not None else conns
+        rows = sort_rows(rows, self.args.sort)
         if self.args.json:
-            lines = [json.dumps(c.as_dict()) for c in sorted(conns, key=sort_key)]
-            tele["interval"] = self.intervals
-            tele["records"] = len(conns)
-            tele["final"] = final
+            stamp = round(time.time(), 3)
+            lines = [json.dumps(r.as_dict(stamp) if self.procs is not None else r.as_dict())
+                     for r in rows]
+            tele.update(interval=self.intervals, records=len(rows), final=final,
+                        interval_seconds=round(seconds, 3))
             lines.append(json.dumps(tele))
+            self.out.write("\n".join(lines) + "\n")
         else:
-            width = terminal_width()
-            # conns: in the kernel table at this poll, those closing now included
-            tracked = tele["tracked"] + sum(1 for c in conns if c.state == "closed")
-            head = "%s backend=%s conns=%d shown=%d lost=%d" % (
-                time.strftime("%H:%M:%S"), self.tr.backend, tracked, len(conns), tele["lost"])
-            if final:
-                head += " (final)"
-            lines = ["", head] + table_rows(conns, width)
-        self.out.write("\n".join(lines) + "\n")
+            self.out.write(self.screen(rows, conns, tele, seconds, final))
         self.out.flush()
+
+    def screen(self, rows, conns, tele, seconds, final):
+        width, height = terminal_size()
+        rate = seconds if self.args.rate else None
+        columns = process_columns(rate) if self.procs is not None else conn_columns(rate)
+        limit = self.args.rows
+        if limit is None and (self.live or self.out.isatty()):
+            limit = max(2, height - 3)  # header, column header, the cursor's line
+        more = 0
+        if limit is not None and len(rows) > limit:
+            more, rows = len(rows) - (limit - 1), rows[:limit - 1]
+        lines = [self.header(conns, rows, tele, seconds, final, width)]
+        lines += render_table(columns, rows, width)
+        if more:
+            lines.append(("+%d more (%s)" % (more, "--rows, or a taller terminal, shows more"
+                                             if self.live else "--rows shows more"))[:width])
+        if self.live:
+            return HOME + "".join(l + CLEAR_EOL + "\n" for l in lines) + CLEAR_EOS
+        return "\n" + "\n".join(lines) + "\n"
+
+    def header(self, conns, rows, tele, seconds, final, width):
+        """One line: time, backend, what is shown, totals and rates."""
+        sent = sum(c.sent_delta for c in conns)
+        recv = sum(c.recv_delta for c in conns)
+        if self.procs is not None:
+            what = "%d processes, %d connections" % (
+                len(self.procs.totals), sum(1 for c in conns if c.state == "open"))
+        else:  # tracked: in the kernel's tables at this poll, those closing now included
+            what = "%d active, %d tracked" % (
+                len(conns), tele["tracked"] + sum(1 for c in conns if c.state == "closed"))
+        parts = [time.strftime("%H:%M:%S") + (" (final)" if final else ""), what,
+                 "TX %s %s/s" % (human_bytes(sent), human_bytes(int(sent / seconds))),
+                 "RX %s %s/s" % (human_bytes(recv), human_bytes(int(recv / seconds))),
+                 "lost %d" % tele["lost"]]
+        if tele.get("missed"):
+            parts.append("missed %d" % tele["missed"])
+        parts.append(self.tr.backend)
+        line = parts[0]
+        for p in parts[1:]:  # what does not fit is left out whole
+            if len(line) + 2 + len(p) <= width:
+                line += "  " + p
+        return line
+
+
+def _warn(text):
+    sys.stderr.write("%s: warning: %s\n" % (PROG, text))
+    sys.stderr.flush()
 
 
 def trace(args):
     stopper = Stopper()
-    tr = None
+    tr = exporter = None
     try:
+        if args.pid is not None and not os.path.exists("/proc/%d" % args.pid):
+            _warn("no process has pid %d now; its connections show if it starts" % args.pid)
         tr = open_tracer(args)
         if stopper.signum is not None:  # stopped while starting: nothing was traced
             return 0
+        if args.prometheus is not None:
+            import prometheus
+            exporter = prometheus.Exporter(max_series=args.prometheus_max_series)
+            try:
+                host, port = exporter.serve(*args.prometheus)
+            except OSError as e:
+                raise CliError("--prometheus %s:%d: %s" % (args.prometheus[0] or "*",
+                                                           args.prometheus[1],
+                                                           e.strerror or e))
+            sys.stderr.write("%s: metrics on http://%s:%d/metrics\n" % (
+                PROG, "[%s]" % host if ":" in host else host, port))
+            sys.stderr.flush()
         out = Output(args, tr, sys.stdout)
         out.start()
         next_at = time.monotonic() + args.interval
         while True:
             stopped = stopper.wait(next_at - time.monotonic())
-            conns = tr.poll()
+            conns = tr.snapshot() if args.by_process else tr.poll()
             if stopper.signum == signal.SIGHUP:
                 return 0  # the terminal is gone: nobody to print to
             last = stopped or (args.count is not None and out.intervals + 1 >= args.count)
-            out.interval(conns, final=last)
+            if exporter is not None:
+                exporter.update(conns, tr.telemetry())
+            if args.quiet:
+                out.intervals += 1
+            else:
+                out.interval(conns, final=last)
             if last:
                 return 0
             next_at += args.interval
@@ -433,6 +713,8 @@ def trace(args):
             pass
         return 0
     finally:
+        if exporter is not None:
+            exporter.close()
         if tr is not None:
             tr.close()
         stopper.restore()
@@ -448,10 +730,11 @@ def check(args):
            "root": os.geteuid() == 0, "backends": {}, "backend": None, "backend_reason": None,
            "hooks": [], "offsets": None, "offset_notes": [], "offset_rounds": None,
            "guess_seconds": None, "startup_seconds": None, "ok": False, "error": None}
-    if not rep["root"]:
-        # tracefs is root-only: without root every backend would look missing
-        rep["error"] = "tracing needs root (CAP_BPF and CAP_PERFMON), and so does probing " \
-                       "the backends: run it with sudo"
+    missing = bpfsys.missing_capabilities()
+    rep["missing_capabilities"] = missing
+    if missing:
+        # and so does probing: tracefs is root-only, every backend would look missing
+        rep["error"] = tracer.needs_privilege(missing)
     else:
         try:
             for name, (ok, why) in sorted(backends.availability().items()):
@@ -523,17 +806,17 @@ def _error_text(e):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.check:
             return check(args)
-        if os.geteuid() != 0:
-            raise CliError("tracing needs root (CAP_BPF and CAP_PERFMON): run it with sudo")
+        missing = bpfsys.missing_capabilities()
+        if missing:
+            raise CliError(tracer.needs_privilege(missing))
         return trace(args)
     except KeyboardInterrupt:
         return 0
     except Exception as e:
-        import tracer
         if args.verbose:
             traceback.print_exc()
         text = _error_text(e)

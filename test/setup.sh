@@ -18,3 +18,8 @@ if ! "$PYTHON" -m pytest --version >/dev/null 2>&1; then
     echo "setup: installing pytest"
     "$PYTHON" -m pip install -q pytest
 fi
+# pyte: a terminal emulator, to read back the live view's screen (test_screen.py)
+if ! "$PYTHON" -c "import pyte" >/dev/null 2>&1; then
+    echo "setup: installing pyte"
+    "$PYTHON" -m pip install -q pyte
+fi
