@@ -66,55 +66,86 @@ never back; each process sharing a socket has its own.  comm is the
 process name.  IPv4-mapped IPv6 is shown as IPv4.  A connection that opens,
 transfers and closes between two intervals is still shown once, with its
 bytes and state closed.  Idle UDP flows expire after --udp-idle seconds,
-TCP records idle for --tcp-idle.  --pid, --port, --tcp/--udp, -4/-6 are
-applied in the kernel: filtered-out traffic creates no entry.
+TCP records idle for --tcp-idle.  --pid, --tcp/--udp, -4/-6 and a single
+port are applied in the kernel: filtered-out traffic creates no entry.
 
-Requirements: Linux with BPF (x86_64), root (CAP_BPF and CAP_PERFMON), and
-tracefs (mounted on demand).  Python 3.6 or newer, standard library only."""
+Requirements: Linux with BPF (x86_64), CAP_BPF and CAP_PERFMON (or
+CAP_SYS_ADMIN; in practice root, for tracefs and cgroup2), tracefs
+(mounted on demand).  Python 3.6 or newer, standard library only."""
 
 EPILOG = """\
-output (table):
-  The first line says which backend traces and why.  Then, every interval,
-  a header line: time, backend, conns (connections tracked in the kernel
-  table), shown (rows below), lost (entries lost because a BPF map was
-  full; nothing is dropped silently).  One row per connection active in the
-  interval, most bytes in the interval first:
-    PID COMM PROTO          process id, name, tcp or udp
-    LADDR:LPORT RADDR:RPORT local and remote address:port (long addresses
-                            are shortened in the middle to fit the terminal)
-    TX RX                   bytes sent / received in the interval
-    TXTOT RXTOT             bytes sent / received in total, since first seen
-    STATE                   open or closed
-  Byte counts below 1024 are exact; above, K, M, G, T (powers of 1024).
+the screen (default):
+  On a terminal the screen is redrawn each interval (-C appends; output that
+  is not a terminal is appended).  A header line: time ("(final)" on the
+  last interval), connections active in the interval and tracked in the
+  kernel tables, bytes sent (TX) and received (RX) in the interval and
+  their rate, lost (entries the kernel could not store: nothing is dropped
+  silently), missed (when not 0), the backend.  Then one row per connection
+  active in the interval, --sort order (most bytes first), capped to the
+  terminal's height with a "+N more" line (--rows N):
+    PID COMM        process id, name (up to 15 characters)
+    PROTO           tcp or udp
+    LADDR:LPORT     local address:port, [v6]:port for IPv6
+    RADDR:RPORT     remote address:port; for UDP the datagrams' peer
+    TX RX           bytes sent / received in the interval (TX/s RX/s: --rate)
+    TXTOT RXTOT     bytes sent / received since first seen
+    DUR             the connection's age (until it closed); - if its start
+                    was not seen
+    STATE           open or closed
+  tcptop's PID COMM LADDR RADDR TX_KB RX_KB are PID COMM LADDR:LPORT
+  RADDR:RPORT TX RX here (in bytes); tcplife's MS is DUR.
+  Addresses are never cut: on a narrow terminal whole columns give way, in
+  this order: TXTOT/RXTOT, STATE, the local address (LPORT stays), DUR,
+  PROTO, LPORT; then COMM is narrowed.  Bytes are exact below 1024, then
+  K, M, G, T (powers of 1024).
+  -P: one row per process: PID COMM CONNS (open connections) TCP UDP TX RX
+  (in the interval, or /s) TXTOT RXTOT (since the tracer started, ended
+  connections included).
 
 output (--json): one JSON object per line on stdout.  After each interval,
   one {"type": "conn", ...} per connection active in it (fields: time,
   proto, family, pid, comm, laddr, lport, raddr, rport, netns, sent_bytes,
   recv_bytes, sent_delta, recv_delta, retransmits, state, direction,
-  start_time, duration: null where the start was not seen), then
-  one {"type": "telemetry", ...} (tracked, lost, conn_lost, closed_lost,
+  start_time, duration: null where the start was not seen), or with -P one
+  {"type": "process", ...} per process (pid, comm, conns, tcp, udp,
+  sent_delta, recv_delta, sent_bytes, recv_bytes); then one
+  {"type": "telemetry", ...} (tracked, lost, conn_lost, closed_lost,
   udp_lost, bytes_lost, stash_lost, shared_overflow, dirty_lost, missed,
-  tuple_checked, tuple_mismatch,
-  poll_seconds, ..., plus "interval": its 1-based number,
-  "records": conn records printed, "final": true on the last).  A line
-  "tracer: tracing ..." on stderr says when tracing has started.
+  tuple_checked, tuple_mismatch, poll_seconds, ..., plus "interval": its
+  1-based number, "records": records printed, "final": true on the last,
+  "interval_seconds").  A line "tracer: tracing ..." on stderr says when
+  tracing has started.
 
-ending: after --count intervals, or on SIGINT (Ctrl-C) or SIGTERM, which
+--prometheus [ADDR:]PORT: http://ADDR:PORT/metrics in the Prometheus text
+  format, next to the screen or JSON (alone with -q).  Counters
+  tracer_sent_bytes_total, tracer_received_bytes_total,
+  tracer_connections_opened_total, tracer_connections_closed_total,
+  tracer_retransmits_total, labelled pid, comm, proto, direction, raddr and
+  port (remote port of outgoing connections, local service port of
+  incoming ones); at most --prometheus-max-series label sets, the rest
+  folded into a series labelled "other" (tracer_series_folded_total);
+  telemetry as gauges (tracer_tracked_connections, tracer_lost_entries,
+  tracer_missed_probes, tracer_poll_seconds, ...).
+
+ending: after count intervals, or on SIGINT (Ctrl-C) or SIGTERM, which
   print the last partial interval first.  Every probe is detached on exit.
 
 exit status:
   0  traced until the end, or --check found that tracing works
-  1  an error (not root, no BPF, backend unavailable, bad object file,
+  1  an error (no privilege, no BPF, backend unavailable, bad object file,
      offset guessing failed, no tracefs), one line on stderr saying what
      to do; with --check, the reason tracing cannot work
   2  bad arguments
 
 examples:
-  sudo python3 tracer.py                    # table every 2 s until Ctrl-C
-  sudo python3 tracer.py --interval 5 --count 12
-  sudo python3 tracer.py --tcp --port 443   # TCP to or from port 443
+  sudo python3 tracer.py                    # live view every 2 s until Ctrl-C
+  sudo python3 tracer.py 5 12               # every 5 s, 12 times
+  sudo python3 tracer.py -P --rate          # per process, bytes per second
+  sudo python3 tracer.py --tcp --port 80,443 --sort total
+  sudo python3 tracer.py --rport 5432 --raddr 10.0.0.0/8 --comm java
   sudo python3 tracer.py --pid 1234 -4      # one process, IPv4 only
-  sudo python3 tracer.py --json --interval 1 | jq 'select(.type=="conn")'
+  sudo python3 tracer.py --json 1 | jq 'select(.type=="conn")'
+  sudo python3 tracer.py --prometheus :9464 -q   # a /metrics endpoint only
   sudo python3 tracer.py --backend kprobe   # force the kprobe backend
   sudo python3 tracer.py --check            # what works on this kernel"""
 
