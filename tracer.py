@@ -38,6 +38,7 @@ class TracerError(RuntimeError):
 
 Conn = conntrack.Conn
 ConnKey = conntrack.ConnKey
+__all__ = ["Tracer", "Conn", "ConnKey", "TracerError", "main"]
 
 
 def needs_privilege(missing):
