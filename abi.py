@@ -34,6 +34,7 @@ HASH = bpfsys.BPF_MAP_TYPE_HASH
 ARRAY = bpfsys.BPF_MAP_TYPE_ARRAY
 PERCPU_ARRAY = bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY
 LRU_HASH = 9  # BPF_MAP_TYPE_LRU_HASH
+RINGBUF = 27  # BPF_MAP_TYPE_RINGBUF
 
 U32, U64 = 4, 8
 # struct peer in tracer.bpf.h (a message's peer address; kernel-only)
@@ -45,6 +46,10 @@ GUESS_DUMP_SIZE = offsetguess.GUESS_DUMP_HEAD.size + offsetguess.GUESS_SK_BYTES 
 TELE_MAX = len(conntrack.TELEMETRY_NAMES)  # TELE_MAX in tracer.bpf.h
 TPF_MAX = 24  # TPF_MAX in tracer.bpf.h: tp_fields slots (backends.TP_FIELDS uses the first ones)
 CONN_TABLE_ENTRIES = 65536  # conns, socks and dirty as built (--max-conns changes them at load)
+EVENTS_BYTES = 1 << 20  # the events ring buffer as built; one page when events are off
+EVENTS_OFF_BYTES = 4096
+# struct conn_event in tracer.bpf.h (the events ring buffer's records)
+EVENT = struct.Struct("<Q%dsBBBBQQQIIII16s" % conntrack.CONN_TUPLE.size)
 LICENSE = "GPL"  # the programs call GPL-only helpers (bpf_probe_read_kernel, ...)
 
 MapABI = collections.namedtuple("MapABI", "name map_type key_size value_size max_entries flags "
@@ -81,6 +86,7 @@ MAPS = (
     _map("guess_req", ARRAY, _INDEX, (offsetguess.GUESS_REQ.size, "struct guess_req"), 1),
     _map("guess_dump", ARRAY, _INDEX, (GUESS_DUMP_SIZE, "struct guess_dump"), 1),
     # the self-test programs' maps: checked where the object has them
+    _map("events", RINGBUF, (0, "none"), (0, "none"), EVENTS_BYTES),
     _map("test_counts", ARRAY, _INDEX, _COUNTER, 4, required=False),
     _map("test_bytes", HASH, (U32, "__u32 pid"), _COUNTER, 1024, required=False),
 )
@@ -130,13 +136,16 @@ def programs_to_load(backend, plan):
     return [p for p, _, _ in plan] + [p for p, _, _ in backends.GUESS_PROGRAMS[backend]]
 
 
-def map_entries(max_conns):
-    """{map: entries} overrides for ObjectSpec.load (None: as built)."""
+def map_entries(max_conns, events=True):
+    """{map: entries} overrides for ObjectSpec.load (None: as built);
+    without events, the events ring buffer is one page."""
+    sizes = {} if events else {"events": EVENTS_OFF_BYTES}
     if not max_conns:
-        return None
+        return sizes or None
     if not 0 < max_conns <= MAX_CONNS_LIMIT:
         raise ValueError("max_conns %d is out of range (1 to %d)" % (max_conns, MAX_CONNS_LIMIT))
-    return dict((name, k * max_conns) for name, k in RESIZED_BY_MAX_CONNS.items())
+    sizes.update((name, k * max_conns) for name, k in RESIZED_BY_MAX_CONNS.items())
+    return sizes
 
 
 def _type_name(t):

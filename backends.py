@@ -40,6 +40,7 @@ TP_FIELDS = {
     17: ("sock", "sock_send_length", "flags"),
     18: ("tcp", "tcp_retransmit_skb", "skaddr"),
     19: ("tcp", "tcp_retransmit_skb", "skbaddr"),
+    20: ("sock", "inet_sock_set_state", "oldstate"),
 }
 
 # (program, attach kind, target, needed for: "tcp", "udp" or "both")
@@ -97,10 +98,12 @@ KPROBE_PROGRAMS = (
 )
 
 GUESS_PROGRAMS = {
-    "tracepoint": (("guess_sock_send_length", "raw_tracepoint", "sock_send_length"),),
+    "tracepoint": (("guess_sock_send_length", "raw_tracepoint", "sock_send_length"),
+                   ("guess_inet_sock_set_state", "raw_tracepoint", "inet_sock_set_state")),
     "kprobe": (("guess_udp_sendmsg", "kprobe", "udp_sendmsg"),
                ("guess_tcp_sendmsg", "kprobe", "tcp_sendmsg"),
-               ("guess_skb_consume_udp", "kprobe", "skb_consume_udp")),
+               ("guess_skb_consume_udp", "kprobe", "skb_consume_udp"),
+               ("guess_inet_sock_set_state", "raw_tracepoint", "inet_sock_set_state")),
 }
 
 

@@ -8,6 +8,7 @@ releases it.  Every ABI number and struct layout used lives in this file.
 
 import ctypes
 import errno
+import mmap
 import os
 import platform
 import resource
@@ -48,6 +49,7 @@ CMD_NAMES = {
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_RINGBUF = 27
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -373,6 +375,57 @@ class Map(KernelObject):
                 done = struct.unpack_from("I", attr, 32)[0]
                 return done + sum(1 for k in keys[done + 1:] if self.delete(k))
         return sum(1 for k in keys if self.delete(k))
+
+
+class RingBuffer(object):
+    """The reading side of a BPF ring buffer map (Linux 5.8+), memory-mapped
+    as the kernel lays it out: a consumer page (read-write), then a producer
+    page and the data pages, mapped twice in a row so that a record that
+    wraps reads as one (read-only).  select() on fileno() waits for data."""
+
+    BUSY, DISCARD, HEADER = 1 << 31, 1 << 30, 8
+
+    def __init__(self, bpf_map):
+        self.map = bpf_map
+        self.size = bpf_map.max_entries
+        page = mmap.PAGESIZE
+        self._cons = mmap.mmap(bpf_map.fd, page, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        try:
+            self._prod = mmap.mmap(bpf_map.fd, page + 2 * self.size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ, offset=page)
+        except BaseException:
+            self._cons.close()
+            raise
+        self._page = page
+
+    def fileno(self):
+        return self.map.fd
+
+    def read(self, limit=None):
+        """The records written since the last read (bytes each, oldest
+        first; at most limit), and their space handed back to the kernel."""
+        out = []
+        cons = struct.unpack_from("<Q", self._cons, 0)[0]
+        prod = struct.unpack_from("<Q", self._prod, 0)[0]
+        mask = self.size - 1
+        while cons < prod and (limit is None or len(out) < limit):
+            at = self._page + (cons & mask)
+            length = struct.unpack_from("<I", self._prod, at)[0]
+            if length & self.BUSY:  # reserved, not yet committed
+                break
+            n = length & ~(self.BUSY | self.DISCARD)
+            if not length & self.DISCARD:
+                out.append(self._prod[at + self.HEADER:at + self.HEADER + n])
+            cons += (n + self.HEADER + 7) & ~7
+            struct.pack_into("<Q", self._cons, 0, cons)
+            if cons >= prod:
+                prod = struct.unpack_from("<Q", self._prod, 0)[0]
+        return out
+
+    def close(self):
+        for m in (self._cons, self._prod):
+            m.close()
 
 
 def _fit(data, size, what):

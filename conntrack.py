@@ -21,7 +21,7 @@ import bpfsys
 # connection of one process)
 CONN_TUPLE = struct.Struct("<16s16sIIHHBBHI")
 # struct conn_stats in tracer.bpf.h
-CONN_STATS = struct.Struct("<QQQQIBBBB16sII")
+CONN_STATS = struct.Struct("<QQQQIBBBB16sIIII")
 # struct sock_info in tracer.bpf.h: the owner's tuple, has_tuple, the
 # owner's stats, the other processes
 SOCK_INFO = struct.Struct("<%dsI%ds12sI" % (CONN_TUPLE.size, CONN_STATS.size))
@@ -40,11 +40,17 @@ STATE_CLOSED = 2
 # the telemetry map's slots (TELE_* in tracer.bpf.h)
 TELEMETRY_NAMES = ("conn_lost", "closed_lost", "stash_lost", "tuple_mismatch", "tuple_checked",
                    "read_faults", "pending_lost", "dirty_lost", "bytes_lost", "udp_lost",
-                   "shared_overflow")
+                   "shared_overflow", "events_lost", "events")
+
+# conn_stats.end (END_* in tracer.bpf.h): how a TCP connection ended
+ENDS = {1: "fin", 2: "reset_sent", 3: "reset_received", 4: "timeout", 5: "refused",
+        6: "connect_timeout", 7: "unreachable", 8: "aborted"}
+FAILED_CONNECT = ("refused", "connect_timeout", "unreachable")
 
 FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "raddr", "rport",
           "netns", "sent_bytes", "recv_bytes", "sent_delta", "recv_delta", "retransmits",
-          "state", "direction", "start_time", "duration")
+          "state", "direction", "start_time", "duration", "end", "failed_connects",
+          "resets_sent", "resets_received", "rtt_us", "rtt_var_us")
 
 
 ConnKey = collections.namedtuple(
@@ -80,6 +86,20 @@ class Conn(object):
                   before it; UDP)
       duration    float seconds from start to close (or to now, if open), or
                   None where start_time is None
+      end         TCP: how it ended, at TCP_CLOSE: "fin", "reset_sent",
+                  "reset_received", "timeout" (retransmits or keepalives
+                  timed out); a connect() that never established: "refused",
+                  "connect_timeout", "unreachable" (an ICMP error) or
+                  "aborted" (closed by its owner first); None while open, for
+                  UDP, and where the kernel's error field was not found
+      failed_connects  1 for a connect() that never established (refused,
+                  connect_timeout, unreachable), else 0
+      resets_sent, resets_received  1 when it ended by a reset we sent / the
+                  peer sent, else 0
+      rtt_us, rtt_var_us  TCP: the kernel's smoothed RTT and its variance in
+                  microseconds (tcpi_rtt, tcpi_rttvar), read at connect,
+                  accept, retransmits, every 64 KiB received and close;
+                  None for UDP and where the offsets were not found
       key         ConnKey: the record's identity, stable from poll to poll
       first_seen  bool, True the first time a record is reported
       retrans_delta  int, retransmits since the previous poll
@@ -140,7 +160,8 @@ class ConnTable(object):
     only those; every full_every seconds, or when the dirty set could not
     keep up, it reads both tables whole and expires idle entries."""
 
-    def __init__(self, conns, socks, udp_idle=30.0, tcp_idle=600.0, dirty=None, set_gen=None):
+    def __init__(self, conns, socks, udp_idle=30.0, tcp_idle=600.0, dirty=None, set_gen=None,
+                 keep_expired=False):
         self.conns = conns
         self.socks = socks
         self.dirty = dirty
@@ -162,6 +183,9 @@ class ConnTable(object):
         self.last_poll_full = True
         self.tracked = 0
         self.expired = 0
+        # with keep_expired: the records of UDP flows expired, until taken
+        self.keep_expired = keep_expired
+        self.expired_udp = []
 
     def _next_generation(self, dirty_lost):
         """Start a new generation, then drain the records marked in the old
@@ -249,7 +273,11 @@ class ConnTable(object):
         expire = now_ns >= self.next_full_ns
         if expire:
             self.next_full_ns = now_ns + self.full_every_ns
-            gone.extend(self._idle(cur, now_ns))
+            idle = self._idle(cur, now_ns)
+            if self.keep_expired:
+                self.expired_udp.extend(self._conn(k, cur[k], cur[k], start, now_ns, unchanged=True)
+                                        for k in idle if k[_PROTO_OFFSET] == 17)
+            gone.extend(idle)
         if gone:
             self.conns.delete_keys(gone)
         for key in gone:
@@ -301,10 +329,10 @@ class ConnTable(object):
         moved (unless unchanged: then it is reported anyway, with deltas 0).
         start, now_ns: the poll's wall clock and monotonic time (the
         kernel's clock)."""
-        (sent, recv, first_ns, last_ns, retr, direction, state, seen_start, _, comm, _,
-         _) = CONN_STATS.unpack(value)
+        (sent, recv, first_ns, last_ns, retr, direction, state, seen_start, end, comm, _,
+         rtt, rtt_var, _) = CONN_STATS.unpack(value)
         if old is not None:
-            o_sent, o_recv, _, _, o_retr, _, o_state, _, _, _, _, _ = CONN_STATS.unpack(old)
+            o_sent, o_recv, _, _, o_retr, _, o_state = CONN_STATS.unpack(old)[:7]
             if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state) and not unchanged:
                 return None
         else:
@@ -331,6 +359,11 @@ class ConnTable(object):
             c.duration = round(max(0, (last_ns if state == STATE_CLOSED else now_ns) - first_ns) / 1e9, 3)
         else:  # opened before the tracer, or UDP (no start): not guessed
             c.start_time = c.duration = None
+        c.end = ENDS.get(end) if state == STATE_CLOSED else None
+        c.failed_connects = int(c.end in FAILED_CONNECT)
+        c.resets_sent = int(c.end == "reset_sent")
+        c.resets_received = int(c.end == "reset_received")
+        c.rtt_us, c.rtt_var_us = (rtt, rtt_var) if rtt else (None, None)
         return c
 
     def _unchanged(self, changed, cur, start, now_ns, include):

@@ -24,16 +24,18 @@ import time
 import bpfsys
 
 # struct offsets in tracer.bpf.h
-OFFSETS = struct.Struct("<23I")
+OFFSETS = struct.Struct("<27I")
 OFFSET_FIELDS = ("ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state",
                  "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "gen",
                  "task_comm", "task_leader", "skb_data", "sk_rcvq", "udp_readerq",
-                 "want", "pid_filter", "port_filter", "skc_block")
+                 "want", "pid_filter", "port_filter", "skc_block", "sk_err", "srtt", "mdev",
+                 "inet_sport")
 SKC_BLOCK = 128  # tracer.bpf.h: the bytes of struct sock that read_tuple_block copies
-WANT_TCP, WANT_UDP, WANT_V4, WANT_V6 = 1, 2, 4, 8  # offsets.want
+WANT_TCP, WANT_UDP, WANT_V4, WANT_V6, WANT_EVENTS = 1, 2, 4, 8, 16  # offsets.want
 # struct guess_req in tracer.bpf.h
 GUESS_REQ = struct.Struct("<QIIII")
-GUESS_SOCK, GUESS_TASK, GUESS_TASK_AT, GUESS_SKB_AT, GUESS_QSKB_AT = 0, 1, 2, 3, 4  # guess_req.mode
+GUESS_SOCK, GUESS_TASK, GUESS_TASK_AT, GUESS_SKB_AT, GUESS_QSKB_AT, GUESS_STATE = range(6)  # .mode
+TCP_FIN_WAIT1, TCP_CLOSE = 4, 7
 GUESS_SKB_BEFORE = 128
 # struct guess_dump in tracer.bpf.h: header, then the sk and net bytes
 GUESS_DUMP_HEAD = struct.Struct("<IIIIQ")
@@ -93,12 +95,13 @@ class _Prober(object):
                 pass  # the hook fired before any error; the dump tells
         return self.probe_with(send, net_off, mode, pid_tgid)
 
-    def probe_with(self, action, net_off=0, mode=GUESS_SOCK, pid_tgid=None):
-        """The same, for whatever action() makes the hooked function run."""
+    def probe_with(self, action, net_off=0, mode=GUESS_SOCK, pid_tgid=None, state=0):
+        """The same, for whatever action() makes the hooked function run
+        (GUESS_STATE: a socket of this thread entering TCP state)."""
         self.seq += 1
         self.rounds += 1
         self.req.update(b"\0\0\0\0", GUESS_REQ.pack(pid_tgid or self.pid_tgid, net_off, self.seq,
-                                                     mode, 0))
+                                                     mode, state))
         action()
         raw = self.dump.lookup(b"\0\0\0\0")
         seq, sk_ok, net_ok, _, sk = GUESS_DUMP_HEAD.unpack_from(raw)
@@ -291,6 +294,134 @@ def _guess_net(prober, sk_dump, lowest):
             return off, hits[0]
     raise GuessError("could not find the offset of net (netns inode %d) after %d candidate slots"
                      % (inum, tried))
+
+
+def _int_offsets(dump, value, limit=None):
+    return set(_find_all(dump[:limit], struct.pack("<i", value), 4))
+
+
+def _closed_dump(prober, how):
+    """The struct sock of a TCP socket of this thread as it enters
+    TCP_CLOSE, how: "refused" (a connect() to a port nobody listens on:
+    sk_err ECONNREFUSED) or "reset" (the peer aborts: ECONNRESET)."""
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv = None
+    try:
+        lst.bind(("127.0.0.1", 0))
+        if how == "refused":  # bound, not listening: the SYN gets a reset
+            action = lambda: cli.connect_ex(lst.getsockname())
+        else:
+            lst.listen(1)
+            cli.connect(lst.getsockname())
+            srv, _ = lst.accept()
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            action = srv.close
+        got = prober.probe_with(action, mode=GUESS_STATE, state=TCP_CLOSE)
+    finally:
+        for s in (cli, lst, srv):
+            if s is not None:
+                s.close()
+    return got[0] if got else None
+
+
+def _guess_inet_sport(prober, tcp, tcp_lport, sport):
+    """inet_sport: the local port in network order (struct inet_sock), which
+    the kernel keeps after it released skc_num (a connect() refused)."""
+    other, other_lport = _tcp_dump(prober)
+    cands = set(_find_all(tcp, struct.pack(">H", tcp_lport), 2)) & \
+        set(_find_all(other, struct.pack(">H", other_lport), 2))
+    cands = sorted(o for o in cands if o >= SKC_BLOCK and o != sport)
+    if not cands:
+        raise GuessError("could not find the offset of inet_sport in struct inet_sock")
+    return cands[0]
+
+
+def _guess_sk_err(prober, tcp_dump):
+    """sk_err: the int that is ECONNREFUSED in a socket whose connect() was
+    refused, ECONNRESET in one the peer reset, and 0 in a healthy one; each
+    dumped as the socket enters TCP_CLOSE, right after the kernel set it."""
+    cands = None
+    for how, err in (("refused", errno.ECONNREFUSED), ("reset", errno.ECONNRESET),
+                     ("refused", errno.ECONNREFUSED)):
+        dump = _closed_dump(prober, how)
+        if dump is None:
+            raise GuessError("could not find the offset of sk_err: no dump of a socket "
+                             "entering TCP_CLOSE")
+        offs = _int_offsets(dump, err, GUESS_SK_BYTES)
+        cands = offs if cands is None else cands & offs
+    cands = sorted(o for o in cands if tcp_dump[o:o + 4] == bytes(4))
+    if not cands:
+        raise GuessError("could not find the offset of sk_err in struct sock")
+    return cands[0]
+
+
+TCP_INFO_RTT = struct.Struct("<II")  # tcpi_rtt, tcpi_rttvar (struct tcp_info, at 68)
+TCP_INFO_RTT_AT = 68
+RTT_ROUNDS = 4
+
+
+def _rtt_info(sock):
+    return TCP_INFO_RTT.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104),
+                                    TCP_INFO_RTT_AT)
+
+
+def _rtt_dump(prober):
+    """(dump of a struct tcp_sock, tcpi_rtt, tcpi_rttvar) of a connection
+    with RTT samples, dumped as it enters FIN_WAIT1 (shutdown(), before
+    its FIN goes out and is acknowledged)."""
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv = None
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        cli.connect(lst.getsockname())
+        srv, _ = lst.accept()
+        for n in range(random.randint(1, 6)):
+            cli.sendall(b"r" * random.randint(1, 3000))
+            srv.recv(65536)
+        time.sleep(0.001)
+        rtt = _rtt_info(cli)
+        got = prober.probe_with(lambda: cli.shutdown(socket.SHUT_WR), mode=GUESS_STATE,
+                                state=TCP_FIN_WAIT1)
+    finally:
+        for s in (cli, lst, srv):
+            if s is not None:
+                s.close()
+    if got is None:
+        return None
+    return got[0] + got[1], rtt[0], rtt[1]
+
+
+def _guess_rtt(prober):
+    """srtt_us and mdev_us of struct tcp_sock: the u32s that, shifted as
+    TCP_INFO does (>> 3, >> 2), give tcpi_rtt and tcpi_rttvar of the same
+    socket, in several connections; then checked on one more."""
+    srtt = mdev = None
+    for _ in range(RTT_ROUNDS):
+        got = _rtt_dump(prober)
+        if got is None:
+            raise GuessError("could not find the offset of srtt: no dump of a socket "
+                             "entering FIN_WAIT1")
+        dump, rtt, var = got
+        words = [(o, struct.unpack_from("<I", dump, o)[0])
+                 for o in range(GUESS_SK_BYTES // 2, len(dump) - 3, 4)]
+        if rtt:  # (a 0 tells nothing: too many fields are 0)
+            s = set(o for o, v in words if v >> 3 == rtt)
+            srtt = s if srtt is None else srtt & s
+        if var:
+            m = set(o for o, v in words if v >> 2 == var)
+            mdev = m if mdev is None else mdev & m
+    if not srtt or not mdev:
+        raise GuessError("could not find the offsets of srtt_us and mdev_us in struct tcp_sock")
+    pairs = [(a, b) for a in sorted(srtt) for b in sorted(mdev) if a != b]
+    dump, rtt, var = _rtt_dump(prober) or (None, 0, 0)
+    for a, b in pairs:
+        if dump is not None and struct.unpack_from("<I", dump, a)[0] >> 3 == rtt and \
+                struct.unpack_from("<I", dump, b)[0] >> 2 == var:
+            return a, b
+    raise GuessError("the offsets of srtt_us and mdev_us did not hold on a last connection")
 
 
 def _probe_sock():
@@ -515,6 +646,18 @@ def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False
             values["task_comm"], values["task_leader"] = _guess_task(prober)
         except GuessError as e:
             notes.append("%s: records show the name of the thread that opened them" % e)
+        try:
+            values["sk_err"] = _guess_sk_err(prober, tcp)
+        except GuessError as e:
+            notes.append("%s: how a TCP connection ended (end) is left out" % e)
+        try:
+            values["inet_sport"] = _guess_inet_sport(prober, tcp, tcp_lport, values["sport"])
+        except GuessError as e:
+            notes.append("%s: a failed connect() shows local port 0" % e)
+        try:
+            values["srtt"], values["mdev"] = _guess_rtt(prober)
+        except GuessError as e:
+            notes.append("%s: rtt_us and rtt_var_us are left out" % e)
     finally:
         prober.stop()
     # every tuple field in the first SKC_BLOCK bytes: one probe read per tuple

@@ -21,6 +21,7 @@
 #define BPF_MAP_TYPE_ARRAY 2
 #define BPF_MAP_TYPE_PERCPU_ARRAY 6
 #define BPF_MAP_TYPE_LRU_HASH 9
+#define BPF_MAP_TYPE_RINGBUF 27
 #define BPF_ANY 0
 #define BPF_NOEXIST 1
 
@@ -33,6 +34,7 @@ static __u64 (*bpf_get_current_task)(void) = (void *)35;
 static long (*bpf_get_current_comm)(void *buf, __u32 size) = (void *)16;
 static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *src) = (void *)112;
 static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *src) = (void *)113;
+static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) = (void *)130;
 
 /* Legacy map definition, read by elfload.py from the "maps" section. */
 struct bpf_map_def {
@@ -79,6 +81,9 @@ MAP(telemetry, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u64), TELE_MAX);
 MAP(tp_fields, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u32), TPF_MAX);
 MAP(guess_req, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(struct guess_req), 1);
 MAP(guess_dump, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(struct guess_dump), 1);
+/* connection events (only with WANT_EVENTS); the loader sizes it: a page
+ * when events are off */
+MAP(events, BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 20);
 MAP(test_counts, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u64), 4);
 MAP(test_bytes, BPF_MAP_TYPE_HASH, sizeof(__u32), sizeof(__u64), 1024);
 
@@ -94,7 +99,12 @@ __u32 _version SEC("version") = 0xFFFFFFFE; /* ignored by kernels >= 5.0 */
 #define TCP_FIN_WAIT1 4
 #define TCP_SYN_RECV 3
 #define TCP_CLOSE 7
+#define TCP_CLOSE_WAIT 8
 #define TCP_LAST_ACK 9
+#define EPIPE 32
+#define ECONNRESET 104
+#define ETIMEDOUT 110
+#define ECONNREFUSED 111
 
 /* x86-64 struct pt_regs. */
 struct pt_regs {
@@ -390,6 +400,76 @@ INLINE __u32 next_life(void)
 	return (__u32)n;
 }
 
+/* The kernel's smoothed RTT of a TCP socket and its variance, as TCP_INFO
+ * gives them (tcpi_rtt, tcpi_rttvar), into s; nothing where the offsets
+ * could not be guessed.  Read at events that fire anyway. */
+INLINE void read_rtt(const void *sk, struct offsets *o, struct conn_stats *s)
+{
+	__u32 v = 0;
+
+	if (!o->srtt)
+		return;
+	if (!bpf_probe_read_kernel(&v, sizeof(v), sk + o->srtt) && v)
+		s->rtt_us = v >> 3;
+	if (o->mdev && !bpf_probe_read_kernel(&v, sizeof(v), sk + o->mdev))
+		s->rtt_var_us = v >> 2;
+}
+
+/* Push one event, if events are wanted; a full ring buffer is counted. */
+INLINE void emit(struct offsets *o, __u8 type, const struct conn_tuple *t, const struct conn_stats *s)
+{
+	struct conn_event e;
+
+	if (!(o->want & WANT_EVENTS))
+		return;
+	__builtin_memset(&e, 0, sizeof(e));
+	e.ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(&e.tuple, t, sizeof(e.tuple));
+	e.type = type;
+	e.end = s->end;
+	e.direction = s->direction;
+	e.seen_start = s->seen_start;
+	e.sent_bytes = s->sent_bytes;
+	e.recv_bytes = s->recv_bytes;
+	e.first_ns = s->first_ns;
+	e.retransmits = s->retransmits;
+	e.rtt_us = s->rtt_us;
+	e.rtt_var_us = s->rtt_var_us;
+	__builtin_memcpy(e.comm, s->comm, sizeof(e.comm));
+	if (bpf_ringbuf_output(&events, &e, sizeof(e), 0))
+		tele_add(TELE_EVENTS_LOST);
+	else
+		tele_add(TELE_EVENTS);
+}
+
+/* How a TCP connection ended, at its TCP_CLOSE: from the state it left and
+ * the error the kernel has just set (sk_err: ECONNREFUSED for a reset to
+ * our SYN, ECONNRESET or EPIPE for a reset received, ETIMEDOUT after
+ * retransmits, EHOSTUNREACH and the like from ICMP).  Without an error, an
+ * established connection that closes without passing a FIN state was
+ * aborted by its owner with a reset (unread data, SO_LINGER 0). */
+INLINE __u8 end_of(const void *sk, struct offsets *o, int oldstate)
+{
+	int err = 0;
+
+	if (o->sk_err)
+		kread(&err, sizeof(err), sk + o->sk_err);
+	if (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV) {
+		if (err == ECONNREFUSED || err == ECONNRESET)
+			return END_REFUSED;
+		if (err == ETIMEDOUT)
+			return END_CONNECT_TIMEOUT;
+		return err ? END_UNREACHABLE : END_ABORTED;
+	}
+	if (err == ECONNRESET || err == EPIPE || err == ECONNREFUSED)
+		return END_RESET_RECEIVED;
+	if (err)
+		return END_TIMEOUT;
+	if (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)
+		return o->sk_err ? END_RESET_SENT : END_NONE; /* unknown without sk_err */
+	return END_FIN;
+}
+
 /* Mark the records of the other processes that used the socket closed. */
 INLINE void close_others(struct sock_info *si, struct offsets *o)
 {
@@ -515,6 +595,13 @@ INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u32 tgi
 		si->tuple.pid = tgid;
 		process_comm(si->stats.comm, o);
 		mark_dirty(&si->tuple, &si->stats, o, key);
+		if (si->stats.direction == DIR_INCOMING && si->stats.seen_start) {
+			read_rtt(sk, o, &si->stats);
+			emit(o, EV_ACCEPT, &si->tuple, &si->stats);
+			if (si->stats.state == CONN_CLOSED) /* it closed before its owner came */
+				emit(o, si->stats.end >= END_REFUSED ? EV_CONNECT_FAILED : EV_CLOSE,
+				     &si->tuple, &si->stats);
+		}
 	}
 	return si;
 }
@@ -605,7 +692,8 @@ INLINE void take_synack_retrans(struct sock_info *si)
 	}
 }
 
-INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
+/* oldstate: the state left, or -1 (read from the socket when needed) */
+INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldstate)
 {
 	__u64 key = (__u64)sk;
 	struct sock_info *si;
@@ -629,6 +717,8 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 				return;
 			}
 			mark_dirty(&si->tuple, &si->stats, o, key);
+			read_rtt(sk, o, &si->stats);
+			emit(o, EV_CONNECT, &si->tuple, &si->stats);
 			return;
 		}
 		if (!si && bpf_map_lookup_elem(&skip_socks, &key))
@@ -651,8 +741,39 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate)
 			claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_INCOMING);
 		return;
 	}
-	if (newstate == TCP_CLOSE)
+	if (newstate == TCP_CLOSE && si->stats.state != CONN_CLOSED) {
+		if (oldstate < 0)
+			oldstate = read_state(sk, o);
+		si->stats.end = end_of(sk, o, oldstate);
+		if (si->stats.end == END_RESET_SENT && si->tuple.pid == 0) {
+			/* close() of a connection with unread data, in its process */
+			si = claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_INCOMING);
+			if (!si)
+				return;
+		}
+		if (!si->has_tuple) { /* a connect() that never got established: named now */
+			__u32 pid = si->tuple.pid, life = si->tuple.life;
+			__u16 sport = 0;
+			if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &si->tuple))
+				return;
+			if (!si->tuple.sport && o->inet_sport) { /* skc_num already released */
+				kread(&sport, sizeof(sport), sk + o->inet_sport);
+				si->tuple.sport = swap16(sport);
+			}
+			si->tuple.life = life;
+			si->has_tuple = 1;
+			if (!wanted(o, &si->tuple)) {
+				bpf_map_delete_elem(&socks, &key);
+				bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_FILTERED}, BPF_ANY);
+				return;
+			}
+		}
+		read_rtt(sk, o, &si->stats);
 		close_life(si, o, key);
+		if (si->tuple.pid)
+			emit(o, si->stats.end >= END_REFUSED ? EV_CONNECT_FAILED : EV_CLOSE,
+			     &si->tuple, &si->stats);
+	}
 }
 
 /* The kernel frees the socket: nothing can send or receive on it after. */
@@ -688,6 +809,7 @@ INLINE void tcp_retransmit(const void *sk, const void *skb)
 	if (skb)
 		kread(&segs, sizeof(segs), skb + SKB_TCP_GSO_SEGS);
 	__sync_fetch_and_add(&si->stats.retransmits, segs ? segs : 1);
+	read_rtt(sk, o, &si->stats);
 	if (si->has_tuple && si->tuple.pid)
 		mark_dirty(&si->tuple, &si->stats, o, key);
 }
@@ -857,7 +979,8 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 /* ------------------------------------------------------------------ */
 /* offset guessing: dump the raw struct sock seen in the guessing thread */
 
-INLINE void guess_dump_sk(const void *sk)
+/* newstate: the state sk enters (from inet_sock_set_state), or -1 */
+INLINE void guess_sk(const void *sk, int newstate)
 {
 	__u32 zero = 0;
 	struct guess_req *g = bpf_map_lookup_elem(&guess_req, &zero);
@@ -865,6 +988,8 @@ INLINE void guess_dump_sk(const void *sk)
 	unsigned long net = 0;
 
 	if (!g || g->pid_tgid != bpf_get_current_pid_tgid())
+		return;
+	if ((g->mode == GUESS_STATE) != (newstate >= 0) || (newstate >= 0 && newstate != g->state))
 		return;
 	d = bpf_map_lookup_elem(&guess_dump, &zero);
 	if (!d)
@@ -879,7 +1004,7 @@ INLINE void guess_dump_sk(const void *sk)
 		d->seq = g->seq;
 		return;
 	}
-	if (g->mode != GUESS_SOCK) { /* the task_struct: process names */
+	if (g->mode != GUESS_SOCK && g->mode != GUESS_STATE) { /* the task_struct: process names */
 		unsigned long task = bpf_get_current_task();
 		if (g->mode == GUESS_TASK_AT) {
 			unsigned long at = 0;
@@ -907,11 +1032,16 @@ INLINE void guess_dump_sk(const void *sk)
 	for (int i = 0; i < GUESS_SK_BYTES / GUESS_CHUNK; i++)
 		if (!bpf_probe_read_kernel(d->sk_bytes + i * GUESS_CHUNK, GUESS_CHUNK, sk + i * GUESS_CHUNK))
 			d->sk_ok |= 1 << i;
-	if (g->net_off && g->net_off < GUESS_SK_BYTES) {
+	if (g->net_off && g->net_off < GUESS_SK_BYTES && g->mode == GUESS_SOCK) {
 		bpf_probe_read_kernel(&net, sizeof(net), sk + g->net_off);
 #pragma unroll
 		for (int i = 0; i < GUESS_NET_BYTES / GUESS_CHUNK; i++)
 			if (net && !bpf_probe_read_kernel(d->net_bytes + i * GUESS_CHUNK, GUESS_CHUNK, (void *)(net + i * GUESS_CHUNK)))
+				d->net_ok |= 1 << i;
+	} else { /* the rest of a struct tcp_sock, past the first GUESS_SK_BYTES */
+#pragma unroll
+		for (int i = 0; i < GUESS_NET_BYTES / GUESS_CHUNK; i++)
+			if (!bpf_probe_read_kernel(d->net_bytes + i * GUESS_CHUNK, GUESS_CHUNK, sk + GUESS_SK_BYTES + i * GUESS_CHUNK))
 				d->net_ok |= 1 << i;
 	}
 	d->seq = g->seq;
@@ -920,6 +1050,15 @@ INLINE void guess_dump_sk(const void *sk)
 /* skb_consume_udp(sk, skb, len): the datagram just copied to the user.
  * GUESS_SOCK dumps the sk_buff itself; GUESS_SKB_AT the bytes around a
  * pointer in it (the payload, when that pointer is skb->data). */
+/* both backends: the socket as it enters a state (sk_err set by a reset
+ * or a timeout, the RTT before a FIN) */
+SEC("raw_tracepoint/inet_sock_set_state")
+int guess_inet_sock_set_state(struct raw_args *ctx)
+{
+	guess_sk((void *)ctx->args[0], (int)ctx->args[2]);
+	return 0;
+}
+
 SEC("kprobe/skb_consume_udp")
 int guess_skb_consume_udp(struct pt_regs *ctx)
 {
@@ -949,21 +1088,21 @@ int guess_skb_consume_udp(struct pt_regs *ctx)
 SEC("raw_tracepoint/sock_send_length")
 int guess_sock_send_length(struct raw_args *ctx)
 {
-	guess_dump_sk((void *)ctx->args[0]);
+	guess_sk((void *)ctx->args[0], -1);
 	return 0;
 }
 
 SEC("kprobe/udp_sendmsg")
 int guess_udp_sendmsg(struct pt_regs *ctx)
 {
-	guess_dump_sk((void *)PARM1(ctx));
+	guess_sk((void *)PARM1(ctx), -1);
 	return 0;
 }
 
 SEC("kprobe/tcp_sendmsg")
 int guess_tcp_sendmsg(struct pt_regs *ctx)
 {
-	guess_dump_sk((void *)PARM1(ctx));
+	guess_sk((void *)PARM1(ctx), -1);
 	return 0;
 }
 
@@ -1188,7 +1327,7 @@ int tp_inet_sock_set_state(void *ctx)
 {
 	struct offsets *o = ready_offsets();
 	unsigned long sk = 0;
-	int newstate = 0;
+	int newstate = 0, oldstate = -1;
 	__u16 protocol = 0;
 
 	if (!o)
@@ -1200,7 +1339,9 @@ int tp_inet_sock_set_state(void *ctx)
 	tp_read(ctx, TPF_ISS_NEWSTATE, &newstate, sizeof(newstate));
 	if (newstate == TCP_ESTABLISHED)
 		cross_check(ctx, (void *)sk, o);
-	tcp_state((void *)sk, o, newstate);
+	if (newstate == TCP_CLOSE)
+		tp_read(ctx, TPF_ISS_OLDSTATE, &oldstate, sizeof(oldstate));
+	tcp_state((void *)sk, o, newstate, oldstate);
 	return 0;
 }
 
@@ -1433,7 +1574,7 @@ int kp_tcp_set_state(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
 	if (o)
-		tcp_state((void *)PARM1(ctx), o, (int)PARM2(ctx));
+		tcp_state((void *)PARM1(ctx), o, (int)PARM2(ctx), -1);
 	return 0;
 }
 

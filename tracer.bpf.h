@@ -49,10 +49,48 @@ struct conn_stats {
 	__u8 direction;   /* DIR_* */
 	__u8 state;       /* CONN_OPEN or CONN_CLOSED */
 	__u8 seen_start;  /* 1: first_ns is the connection's start */
-	__u8 _pad;
+	__u8 end;         /* END_*: how a TCP connection ended (0: open, or not known) */
 	char comm[16];    /* the process name (its main thread's) */
 	__u32 gen;        /* the poll generation in which it was last put in dirty */
+	__u32 rtt_us;     /* TCP: the smoothed RTT (srtt_us >> 3, as tcpi_rtt); 0: not read */
+	__u32 rtt_var_us; /* TCP: its variance (mdev_us >> 2, as tcpi_rttvar) */
 	__u32 _pad2;
+};
+
+/* conn_stats.end: how a TCP connection ended, at TCP_CLOSE */
+#define END_NONE 0
+#define END_FIN 1            /* both FINs (or a FIN state timed out) */
+#define END_RESET_SENT 2     /* closed by us with a reset (unread data, SO_LINGER 0) */
+#define END_RESET_RECEIVED 3 /* the peer reset it */
+#define END_TIMEOUT 4        /* retransmits or keepalives timed out */
+#define END_REFUSED 5        /* connect() refused (reset to the SYN) */
+#define END_CONNECT_TIMEOUT 6 /* connect() timed out (no SYN-ACK) */
+#define END_UNREACHABLE 7    /* connect() failed with an ICMP error (unreachable) */
+#define END_ABORTED 8        /* closed before it was established, without an error */
+
+/* Events (the events ring buffer; only when offsets.want has WANT_EVENTS) */
+#define EV_CONNECT 1        /* outgoing TCP established */
+#define EV_ACCEPT 2         /* incoming TCP, at its owner's accept or first use */
+#define EV_CLOSE 3          /* TCP reached TCP_CLOSE after it was established */
+#define EV_CONNECT_FAILED 4 /* TCP closed before it was established (end: why) */
+#define EV_UDP_OPEN 5       /* a UDP flow's first datagram */
+
+/* One event.  120 bytes.  Python: abi.EVENT. */
+struct conn_event {
+	__u64 ts_ns;      /* bpf_ktime_get_ns() */
+	struct conn_tuple tuple;
+	__u8 type;        /* EV_* */
+	__u8 end;         /* END_* (EV_CLOSE, EV_CONNECT_FAILED) */
+	__u8 direction;   /* DIR_* */
+	__u8 seen_start;
+	__u64 sent_bytes;
+	__u64 recv_bytes;
+	__u64 first_ns;   /* the connection's start (seen_start), or first seen */
+	__u32 retransmits;
+	__u32 rtt_us;
+	__u32 rtt_var_us;
+	__u32 _pad;
+	char comm[16];
 };
 
 #define SOCK_OTHERS 3
@@ -120,6 +158,10 @@ struct offsets {
 	__u32 port_filter; /* only connections with this local or remote port */
 	__u32 skc_block;  /* 1: every tuple field lies in the first SKC_BLOCK bytes of
 			   * struct sock, read with one probe read */
+	__u32 sk_err;     /* struct sock: sk_err (int; 0: unknown) */
+	__u32 srtt;       /* struct tcp_sock: srtt_us (0: unknown) */
+	__u32 mdev;       /* struct tcp_sock: mdev_us (0: unknown) */
+	__u32 inet_sport; /* struct inet_sock: inet_sport, network order (0: unknown) */
 };
 
 #define SKC_BLOCK 128
@@ -128,6 +170,7 @@ struct offsets {
 #define WANT_UDP 2
 #define WANT_V4 4
 #define WANT_V6 8
+#define WANT_EVENTS 16  /* push events into the events ring buffer */
 
 /* guess_req map, index 0: what the guessing thread asks for.
  * Python: GUESS_REQ in offsetguess.py. */
@@ -137,7 +180,7 @@ struct guess_req {
 			   * GUESS_TASK_AT: the task_struct offset to follow */
 	__u32 seq;        /* copied into the dump, to match request and answer */
 	__u32 mode;       /* GUESS_SOCK, GUESS_TASK or GUESS_TASK_AT */
-	__u32 _pad;
+	__u32 state;      /* GUESS_STATE: the TCP state whose entry is dumped */
 };
 
 /* guess_req.mode: what the guess program dumps */
@@ -147,6 +190,7 @@ struct guess_req {
 #define GUESS_SKB_AT 3    /* the sk_buff's bytes at *(skb + net_off) - GUESS_SKB_BEFORE */
 #define GUESS_QSKB_AT 4   /* the same for the skb at the head of the queue at sk + (net_off & 0xffff),
 			   * pointer at skb + (net_off >> 16) */
+#define GUESS_STATE 5      /* the socket, 4096 bytes over both areas, as it enters state */
 #define GUESS_SKB_BEFORE 128
 
 #define GUESS_SK_BYTES 2048
@@ -177,7 +221,9 @@ struct guess_dump {
 #define TELE_BYTES_LOST 8     /* bytes sent or received that no record could hold */
 #define TELE_UDP_LOST 9       /* UDP datagrams whose flow the conns map could not hold */
 #define TELE_SHARED_OVERFLOW 10 /* a socket used by more processes than sock_info.others holds */
-#define TELE_MAX 11
+#define TELE_EVENTS_LOST 11   /* events the events ring buffer had no room for */
+#define TELE_EVENTS 12        /* events pushed */
+#define TELE_MAX 13
 
 /* test_counts map (array of __u64), used only by the self-test programs. */
 #define TEST_CONNECT_ENTRY 0
@@ -206,6 +252,7 @@ struct guess_dump {
 #define TPF_SSL_FLAGS 17
 #define TPF_RETRANS_SKADDR 18
 #define TPF_RETRANS_SKBADDR 19
+#define TPF_ISS_OLDSTATE 20   /* inet_sock_set_state: oldstate */
 #define TPF_MAX 24
 
 #endif

@@ -16,6 +16,7 @@ Command line: sudo python3 tracer.py --interval 2 (see --help).
 
 import ipaddress
 import os
+import select
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ import backends
 import bpfsys
 import conntrack
 import elfload
+import events as events_mod
 import offsetguess
 
 _TELE_DIRTY_LOST = conntrack.TELEMETRY_NAMES.index("dirty_lost").to_bytes(4, "little")
@@ -38,7 +40,8 @@ class TracerError(RuntimeError):
 
 Conn = conntrack.Conn
 ConnKey = conntrack.ConnKey
-__all__ = ["Tracer", "Conn", "ConnKey", "TracerError", "main"]
+Event = events_mod.Event
+__all__ = ["Tracer", "Conn", "ConnKey", "Event", "TracerError", "main"]
 
 
 def needs_privilege(missing):
@@ -101,9 +104,13 @@ class Tracer(object):
 
     def __init__(self, backend="auto", tcp=True, udp=True, ipv6=True, pid=None,
                  ipv4=True, port=None, udp_idle=30.0, tcp_idle=600.0, max_conns=None, obj_path=None,
-                 kprobe_method="auto", lport=None, rport=None, raddr=None, comm=None):
+                 kprobe_method="auto", lport=None, rport=None, raddr=None, comm=None,
+                 events=False):
         self._coll = None
         self._links = []
+        self._ring = None
+        self.events_enabled = bool(events)
+        self._pending = []  # events taken from the ring or the polls, not yet returned
         self.started = time.time()
         if not (tcp or udp):
             raise TracerError("nothing to trace: both TCP and UDP are off")
@@ -132,7 +139,7 @@ class Tracer(object):
             raise TracerError("the BPF object %s is missing: copy the whole tracer directory "
                               "(or run make to build it)" % obj_path)
         try:
-            sizes = abi.map_entries(max_conns)
+            sizes = abi.map_entries(max_conns, self.events_enabled)
         except ValueError as e:
             raise TracerError(str(e))
         # all of the object is checked before anything touches the kernel
@@ -167,7 +174,8 @@ class Tracer(object):
         # the filters, applied in the kernel: filtered-out traffic creates no entry
         self.offsets.filters = {
             "want": ((offsetguess.WANT_TCP if self.tcp else 0) | (offsetguess.WANT_UDP if self.udp else 0)
-                     | (offsetguess.WANT_V4 if self.ipv4 else 0) | (offsetguess.WANT_V6 if self.ipv6 else 0)),
+                     | (offsetguess.WANT_V4 if self.ipv4 else 0) | (offsetguess.WANT_V6 if self.ipv6 else 0)
+                     | (offsetguess.WANT_EVENTS if self.events_enabled else 0)),
             "pid_filter": self.pid or 0, "port_filter": self._kernel_port()}
         self._coll.maps["offsets"].update(b"\0\0\0\0", self.offsets.pack())
         try:
@@ -176,11 +184,18 @@ class Tracer(object):
                                               self.attach_notes)
         except (bpfsys.BPFError, OSError, backends.BackendError) as e:
             raise TracerError("attaching the %s backend failed: %s" % (self.backend, e))
+        if self.events_enabled:
+            try:
+                self._ring = bpfsys.RingBuffer(self._coll.maps["events"])
+            except (OSError, ValueError) as e:
+                raise TracerError("events need a BPF ring buffer (Linux 5.8+): mapping it "
+                                  "failed: %s" % e)
         offsets_map = self._coll.maps["offsets"]
         self._table = conntrack.ConnTable(
             self._coll.maps["conns"], self._coll.maps["socks"], udp_idle, tcp_idle,
             dirty=self._coll.maps["dirty"],
-            set_gen=lambda gen: offsets_map.update(b"\0\0\0\0", self.offsets.pack(gen)))
+            set_gen=lambda gen: offsets_map.update(b"\0\0\0\0", self.offsets.pack(gen)),
+            keep_expired=self.events_enabled)
 
     def _kernel_port(self):
         """The one port every wanted connection has on one side, or 0."""
@@ -229,7 +244,60 @@ class Tracer(object):
     def _poll(self, everything):
         table = self._table_or_raise()
         lost = self._coll.maps["telemetry"].lookup(_TELE_DIRTY_LOST)
-        return table.poll(self._include, int.from_bytes(lost, "little"), everything)
+        out = table.poll(self._include, int.from_bytes(lost, "little"), everything)
+        if table.expired_udp:
+            self._take_ring()  # what the ring holds happened before the expiry
+            now = time.time()
+            self._pending.extend(events_mod.expired(c, now) for c in table.expired_udp
+                                 if self._include(c))
+            del table.expired_udp[:]
+        return out
+
+    def _take_ring(self):
+        raw = self._ring.read()
+        if raw:
+            now, now_ns = time.time(), conntrack.monotonic_ns()
+            for r in raw:
+                e = events_mod.decode(r, now, now_ns)
+                if self._include(e):
+                    self._pending.append(e)
+
+    def events_fd(self):
+        """A file descriptor that select() reports readable when the kernel
+        has pushed events (Tracer(events=True) only)."""
+        self._table_or_raise()
+        if self._ring is None:
+            raise TracerError("events are off: make the Tracer with events=True")
+        return self._ring.fileno()
+
+    def read_events(self):
+        """The events since the previous call, oldest first, without
+        waiting: a list of events.Event."""
+        self.events_fd()
+        self._take_ring()
+        out, self._pending = self._pending, []
+        return out
+
+    def events(self, timeout=None):
+        """Yield each event (events.Event) as it happens, until close(), or
+        until timeout seconds pass without one (None: no limit)."""
+        quiet_since = time.monotonic()
+        while self._coll is not None:
+            batch = self.read_events()
+            for e in batch:
+                yield e
+            if batch:
+                quiet_since = time.monotonic()
+                continue
+            wait = 0.2
+            if timeout is not None:
+                wait = min(wait, timeout - (time.monotonic() - quiet_since))
+                if wait <= 0:
+                    return
+            try:
+                select.select([self._ring], [], [], wait)
+            except (OSError, ValueError):  # closed meanwhile
+                return
 
     def watch(self, interval=2.0, count=None, everything=False):
         """Yield poll() (snapshot() with everything) every interval seconds,
@@ -288,6 +356,9 @@ class Tracer(object):
         """Detach every probe and close every fd (idempotent)."""
         # closing a perf event waits for an RCU grace period (~70 ms here):
         # close them side by side, not one after the other
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         links, self._links = self._links, []
         threads = [threading.Thread(target=l.close) for l in links]
         for th in threads:
