@@ -256,6 +256,11 @@ def parser():
                            "fits the terminal; all when stdout is not a terminal)")
     view.add_argument("--json", action="store_true",
                       help="NDJSON on stdout instead of the table (with --check: one JSON object)")
+    view.add_argument("--events", action="store_true",
+                      help="print connection events as they happen (connect, accept, close "
+                           "with how it ended, connect_failed, udp_open, udp_expire) instead of "
+                           "the table; with --json, event records and each interval's "
+                           "telemetry")
     view.add_argument("-q", "--quiet", action="store_true",
                       help="print no intervals (with --prometheus: only serve the metrics)")
     filt = p.add_argument_group("filters (a connection must match every one given)")
@@ -333,6 +338,8 @@ def parse_args(argv=None):
         p.error("argument --sort: conns is for the per-process view (-P)")
     if args.sort == "duration" and args.by_process:
         p.error("argument --sort: duration is for the connection view (without -P)")
+    if args.events and args.by_process:
+        p.error("argument --events: not with -P (events are per connection)")
     if args.quiet and args.prometheus is None:
         p.error("argument -q/--quiet: only with --prometheus (else nothing would be shown)")
     return args
@@ -430,6 +437,19 @@ def conn_columns(rate_seconds=None):
         Column("DUR", ">", lambda c: human_duration(c.duration), drop=4),
         Column("STATE", "<", lambda c: c.state, drop=2),
     ]
+
+
+# FAIL: how a failed or reset connection ended
+FAIL_NAMES = {"refused": "refused", "connect_timeout": "timeout", "unreachable": "unreach",
+              "reset_sent": "rst-out", "reset_received": "rst-in", "timeout": "timeout"}
+
+
+def fail_column():
+    return Column("FAIL", "<", lambda c: FAIL_NAMES.get(getattr(c, "end", None), "-"), drop=4.5)
+
+
+def has_failures(conns):
+    return any(getattr(c, "end", None) in FAIL_NAMES for c in conns)
 
 
 def process_columns(rate_seconds=None):
@@ -564,17 +584,21 @@ class Stopper(object):
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def wait(self, seconds):
-        """Sleep up to seconds; True if a stop signal came."""
+    def wait(self, seconds, fd=None):
+        """Sleep up to seconds, or until fd is readable; True if a stop
+        signal came."""
         deadline = time.monotonic() + seconds
         while self.signum is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
-                select.select([self._rfd], [], [], left)
+                ready = select.select([self._rfd] + ([fd] if fd is not None else []), [], [],
+                                      left)[0]
             except InterruptedError:
-                pass
+                ready = []
+            if fd is not None and fd in ready:
+                break
             try:
                 while os.read(self._rfd, 512):
                     pass
@@ -598,7 +622,7 @@ def open_tracer(args):
                          port=args.port, lport=args.lport, rport=args.rport, raddr=args.raddr,
                          comm=args.comm, udp_idle=args.udp_idle, tcp_idle=args.tcp_idle,
                          max_conns=args.max_conns, obj_path=args.object,
-                         kprobe_method=args.kprobe_method)
+                         kprobe_method=args.kprobe_method, events=getattr(args, "events", False))
 
 
 # the terminal: cursor home, clear to the end of the line / of the screen
@@ -618,7 +642,7 @@ class Output(object):
 
     def start(self):
         msg = "tracing %s with the %s backend" % (describe_filters(self.args), self.tr.backend)
-        if self.args.json or self.args.quiet:
+        if self.args.json or self.args.quiet or self.args.events:
             sys.stderr.write("%s: %s\n" % (PROG, msg))
             sys.stderr.flush()
             return
@@ -646,10 +670,19 @@ class Output(object):
             self.out.write(self.screen(rows, conns, tele, seconds, final))
         self.out.flush()
 
+    def telemetry(self, final):
+        """--events --json: the telemetry record of the interval."""
+        tele = self.tr.telemetry()
+        tele.update(interval=self.intervals, final=final)
+        self.out.write(json.dumps(tele) + "\n")
+        self.out.flush()
+
     def screen(self, rows, conns, tele, seconds, final):
         width, height = terminal_size()
         rate = seconds if self.args.rate else None
         columns = process_columns(rate) if self.procs is not None else conn_columns(rate)
+        if self.procs is None and has_failures(rows):
+            columns.append(fail_column())
         limit = self.args.rows
         if limit is None and (self.live or self.out.isatty()):
             limit = max(2, height - 3)  # header, column header, the cursor's line
@@ -679,6 +712,9 @@ class Output(object):
                  "TX %s %s/s" % (human_bytes(sent), human_bytes(int(sent / seconds))),
                  "RX %s %s/s" % (human_bytes(recv), human_bytes(int(recv / seconds))),
                  "lost %d" % tele["lost"]]
+        fails = sum(1 for c in conns if getattr(c, "end", None) in FAIL_NAMES)
+        if fails:
+            parts.append("fail %d" % fails)
         if tele.get("missed"):
             parts.append("missed %d" % tele["missed"])
         parts.append(self.tr.backend)
@@ -687,6 +723,36 @@ class Output(object):
             if len(line) + 2 + len(p) <= width:
                 line += "  " + p
         return line
+
+
+def event_line(e):
+    """One event as a line of text: time, event, pid, comm, proto,
+    endpoints, then what the event tells."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(e.time)) + (".%03d" % (e.time % 1 * 1000))
+    out = "%s %-14s %7d %-15s %s %s %s %s" % (
+        stamp, e.event, e.pid, e.comm, e.proto, endpoint(e.laddr, e.lport),
+        "<" if e.direction == "incoming" else ">", endpoint(e.raddr, e.rport))
+    if e.event in ("close", "connect_failed", "udp_expire"):
+        out += "  tx %s rx %s" % (human_bytes(e.sent_bytes), human_bytes(e.recv_bytes))
+        if e.duration is not None:
+            out += " dur %s" % human_duration(e.duration)
+    if e.end:
+        out += " " + e.end
+    if e.retransmits:
+        out += " retrans %d" % e.retransmits
+    if e.rtt_us is not None:
+        out += " rtt %.3fms" % (e.rtt_us / 1000.0)
+    return out
+
+
+def print_events(args, tr, stream):
+    evs = tr.read_events()
+    if evs:
+        if args.json:
+            stream.write("".join(json.dumps(e.as_dict()) + "\n" for e in evs))
+        else:
+            stream.write("".join(event_line(e) + "\n" for e in evs))
+        stream.flush()
 
 
 def _warn(text):
@@ -717,16 +783,26 @@ def trace(args):
             sys.stderr.flush()
         out = Output(args, tr, sys.stdout)
         out.start()
+        ring = tr.events_fd() if args.events else None
         next_at = time.monotonic() + args.interval
         while True:
-            stopped = stopper.wait(next_at - time.monotonic())
+            stopped = stopper.wait(next_at - time.monotonic(), ring)
+            if ring is not None:
+                print_events(args, tr, sys.stdout)
+                if not stopped and time.monotonic() < next_at:
+                    continue
             conns = tr.snapshot() if args.by_process else tr.poll()
             if stopper.signum == signal.SIGHUP:
                 return 0  # the terminal is gone: nobody to print to
             last = stopped or (args.count is not None and out.intervals + 1 >= args.count)
             if exporter is not None:
                 exporter.update(conns, tr.telemetry())
-            if args.quiet:
+            if args.events:
+                print_events(args, tr, sys.stdout)  # a poll may expire UDP flows
+                out.intervals += 1
+                if args.json:
+                    out.telemetry(last)
+            elif args.quiet:
                 out.intervals += 1
             else:
                 out.interval(conns, final=last)

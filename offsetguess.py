@@ -358,7 +358,7 @@ def _guess_sk_err(prober, tcp_dump):
 
 TCP_INFO_RTT = struct.Struct("<II")  # tcpi_rtt, tcpi_rttvar (struct tcp_info, at 68)
 TCP_INFO_RTT_AT = 68
-RTT_ROUNDS = 4
+RTT_ROUNDS, RTT_ROUNDS_MAX = 4, 16  # connections dumped: at least, at most (until one candidate)
 
 
 def _rtt_info(sock):
@@ -378,7 +378,7 @@ def _rtt_dump(prober):
         lst.listen(1)
         cli.connect(lst.getsockname())
         srv, _ = lst.accept()
-        for n in range(random.randint(1, 6)):
+        for n in range(random.randint(3, 8)):  # several RTT windows: mdev_max_us moves off mdev_us
             cli.sendall(b"r" * random.randint(1, 3000))
             srv.recv(65536)
         time.sleep(0.001)
@@ -399,7 +399,10 @@ def _guess_rtt(prober):
     TCP_INFO does (>> 3, >> 2), give tcpi_rtt and tcpi_rttvar of the same
     socket, in several connections; then checked on one more."""
     srtt = mdev = None
-    for _ in range(RTT_ROUNDS):
+    for n in range(RTT_ROUNDS_MAX):
+        if n >= RTT_ROUNDS and srtt is not None and len(srtt) == 1 and mdev is not None \
+                and len(mdev) == 1:
+            break
         got = _rtt_dump(prober)
         if got is None:
             raise GuessError("could not find the offset of srtt: no dump of a socket "

@@ -348,58 +348,6 @@ INLINE void init_stats(struct conn_stats *s, __u8 dir, int with_comm, struct off
 		process_comm(s->comm, o);
 }
 
-/* Find or create the conns entry of a tuple, named after the current
- * process.  lost: the telemetry slot to count a full map in. */
-INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, struct offsets *o, __u32 lost)
-{
-	struct conn_stats *s = bpf_map_lookup_elem(&conns, t);
-	struct conn_stats fresh = {};
-	long err;
-
-	if (s)
-		return s;
-	init_stats(&fresh, dir, 1, o);
-	err = bpf_map_update_elem(&conns, t, &fresh, BPF_NOEXIST);
-	s = bpf_map_lookup_elem(&conns, t);
-	if (!s && err)
-		tele_add(lost);
-	return s;
-}
-
-INLINE void add_bytes(const struct conn_tuple *t, struct conn_stats *s, struct offsets *o,
-		      __u64 sent, __u64 recv, __u64 where)
-{
-	if (sent)
-		__sync_fetch_and_add(&s->sent_bytes, sent);
-	if (recv)
-		__sync_fetch_and_add(&s->recv_bytes, recv);
-	/* no clock read here: user space tells idle entries by their counters */
-	mark_dirty(t, s, o, where);
-}
-
-/* ------------------------------------------------------------------ */
-/* TCP: one socks entry per socket life, from connect or passive open (or
- * first use, for a socket opened before the tracer) until the kernel
- * destroys the socket.  Its tuple is read once, while valid: after
- * TCP_CLOSE the kernel has released the local port, yet a half-closed or
- * reset socket can still be read. */
-
-/* Life numbers only need to differ between lives of one 4-tuple, which
- * never start at the same time: a plain increment will do (5.10 has no
- * atomic fetch-and-add). */
-INLINE __u32 next_life(void)
-{
-	__u32 zero = 0;
-	__u64 *v = bpf_map_lookup_elem(&life_seq, &zero);
-	__u64 n;
-
-	if (!v)
-		return 0;
-	n = *v + 1;
-	*v = n;
-	return (__u32)n;
-}
-
 /* The kernel's smoothed RTT of a TCP socket and its variance, as TCP_INFO
  * gives them (tcpi_rtt, tcpi_rttvar), into s; nothing where the offsets
  * could not be guessed.  Read at events that fire anyway. */
@@ -440,6 +388,60 @@ INLINE void emit(struct offsets *o, __u8 type, const struct conn_tuple *t, const
 		tele_add(TELE_EVENTS_LOST);
 	else
 		tele_add(TELE_EVENTS);
+}
+
+/* Find or create the conns entry of a tuple, named after the current
+ * process.  lost: the telemetry slot to count a full map in. */
+INLINE struct conn_stats *get_stats(struct conn_tuple *t, __u8 dir, struct offsets *o, __u32 lost)
+{
+	struct conn_stats *s = bpf_map_lookup_elem(&conns, t);
+	struct conn_stats fresh = {};
+	long err;
+
+	if (s)
+		return s;
+	init_stats(&fresh, dir, 1, o);
+	err = bpf_map_update_elem(&conns, t, &fresh, BPF_NOEXIST);
+	s = bpf_map_lookup_elem(&conns, t);
+	if (!s && err)
+		tele_add(lost);
+	else if (s && !err && t->proto == TRACER_PROTO_UDP)
+		emit(o, EV_UDP_OPEN, t, s);
+	return s;
+}
+
+INLINE void add_bytes(const struct conn_tuple *t, struct conn_stats *s, struct offsets *o,
+		      __u64 sent, __u64 recv, __u64 where)
+{
+	if (sent)
+		__sync_fetch_and_add(&s->sent_bytes, sent);
+	if (recv)
+		__sync_fetch_and_add(&s->recv_bytes, recv);
+	/* no clock read here: user space tells idle entries by their counters */
+	mark_dirty(t, s, o, where);
+}
+
+/* ------------------------------------------------------------------ */
+/* TCP: one socks entry per socket life, from connect or passive open (or
+ * first use, for a socket opened before the tracer) until the kernel
+ * destroys the socket.  Its tuple is read once, while valid: after
+ * TCP_CLOSE the kernel has released the local port, yet a half-closed or
+ * reset socket can still be read. */
+
+/* Life numbers only need to differ between lives of one 4-tuple, which
+ * never start at the same time: a plain increment will do (5.10 has no
+ * atomic fetch-and-add). */
+INLINE __u32 next_life(void)
+{
+	__u32 zero = 0;
+	__u64 *v = bpf_map_lookup_elem(&life_seq, &zero);
+	__u64 n;
+
+	if (!v)
+		return 0;
+	n = *v + 1;
+	*v = n;
+	return (__u32)n;
 }
 
 /* How a TCP connection ended, at its TCP_CLOSE: from the state it left and
@@ -1121,9 +1123,12 @@ INLINE int tcp_fast(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
 
 	if (!si)
 		return 0;
-	if (si->has_tuple && si->tuple.pid == (__u32)(bpf_get_current_pid_tgid() >> 32))
+	if (si->has_tuple && si->tuple.pid == (__u32)(bpf_get_current_pid_tgid() >> 32)) {
+		__u64 was = si->stats.sent_bytes + si->stats.recv_bytes;
+		if ((was ^ (was + sent + recv)) >> 16) /* each 64 KiB moved: the RTT again */
+			read_rtt(sk, o, &si->stats);
 		add_bytes(&si->tuple, &si->stats, o, sent, recv, key);
-	else
+	} else
 		tcp_count(sk, o, sent, recv);
 	return 1;
 }

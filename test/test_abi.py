@@ -103,9 +103,11 @@ def test_programs_to_load_are_the_plan_and_the_guess_programs():
     plan = [("tp_sock_send_length", "raw_tracepoint", "sock_send_length"),
             ("cg_sendmsg4", "cgroup", "sendmsg4")]
     names = abi.programs_to_load("tracepoint", plan)
-    assert names == ["tp_sock_send_length", "cg_sendmsg4", "guess_sock_send_length"]
+    assert names == ["tp_sock_send_length", "cg_sendmsg4", "guess_sock_send_length",
+                     "guess_inet_sock_set_state"]
     assert abi.programs_to_load("kprobe", [("kp_tcp_set_state", "kprobe", "tcp_set_state")]) == [
-        "kp_tcp_set_state", "guess_udp_sendmsg", "guess_tcp_sendmsg", "guess_skb_consume_udp"]
+        "kp_tcp_set_state", "guess_udp_sendmsg", "guess_tcp_sendmsg", "guess_skb_consume_udp",
+        "guess_inet_sock_set_state"]
     fallbacks = [alt for alt, _ in backends.PERF_FALLBACK.values()] + \
         [p for p, _, _ in backends.SYSCALL_FALLBACK]
     assert set(names + fallbacks) <= set(abi.PROGRAMS)

@@ -29,6 +29,7 @@ PROGRAM_SECTIONS = {
     "guess_tcp_sendmsg": "kprobe/tcp_sendmsg",
     "guess_udp_sendmsg": "kprobe/udp_sendmsg",
     "guess_skb_consume_udp": "kprobe/skb_consume_udp",
+    "guess_inet_sock_set_state": "raw_tracepoint/inet_sock_set_state",
     "kp_skb_consume_udp": "kprobe/skb_consume_udp",
     "kp_tcp_recvmsg": "kprobe/tcp_recvmsg",
     "kp_tcp_recvmsg_pre_5_19": "kprobe/tcp_recvmsg",

@@ -27,15 +27,20 @@ C_FIELDS = {
     "conn_tuple": ("saddr", "daddr", "netns", "pid", "sport", "dport", "family", "proto", "_pad",
                    "life"),
     "conn_stats": ("sent_bytes", "recv_bytes", "first_ns", "last_ns", "retransmits", "direction",
-                   "state", "seen_start", "_pad", "comm", "gen", "_pad2"),
+                   "state", "seen_start", "end", "comm", "gen", "rtt_us", "rtt_var_us", "_pad2"),
     "sock_info": ("tuple", "has_tuple", "stats", "others", "_pad"),
     "offsets": offsetguess.OFFSET_FIELDS,
-    "guess_req": ("pid_tgid", "net_off", "seq", "mode", "_pad"),
+    "guess_req": ("pid_tgid", "net_off", "seq", "mode", "state"),
+    "conn_event": ("ts_ns", "tuple", "type", "end", "direction", "seen_start", "sent_bytes",
+                   "recv_bytes", "first_ns", "retransmits", "rtt_us", "rtt_var_us", "_pad", "comm"),
     "guess_dump": ("seq", "sk_ok", "net_ok", "_pad", "sk", "sk_bytes", "net_bytes"),
     "stash": ("sk", "msg", "uaddr", "bytes", "flags", "peer", "has_peer", "_pad"),
     "peer": ("addr", "port", "family", "_pad"),
 }
-MACROS = ("SKC_BLOCK", "GUESS_SOCK", "GUESS_TASK", "GUESS_TASK_AT", "GUESS_SKB_AT", "GUESS_QSKB_AT", "GUESS_SKB_BEFORE", "GUESS_SK_BYTES", "GUESS_NET_BYTES", "GUESS_CHUNK", "TELE_MAX", "TPF_MAX",
+MACROS = ("SKC_BLOCK", "GUESS_SOCK", "GUESS_TASK", "GUESS_TASK_AT", "GUESS_SKB_AT", "GUESS_QSKB_AT", "GUESS_STATE",
+          "WANT_EVENTS", "TELE_EVENTS", "TELE_EVENTS_LOST", "EV_CONNECT", "EV_ACCEPT", "EV_CLOSE",
+          "EV_CONNECT_FAILED", "EV_UDP_OPEN", "END_FIN", "END_RESET_SENT", "END_RESET_RECEIVED",
+          "END_TIMEOUT", "END_REFUSED", "END_CONNECT_TIMEOUT", "END_UNREACHABLE", "END_ABORTED", "GUESS_SKB_BEFORE", "GUESS_SK_BYTES", "GUESS_NET_BYTES", "GUESS_CHUNK", "TELE_MAX", "TPF_MAX",
           "TELE_CONN_LOST", "TELE_CLOSED_LOST", "TELE_STASH_LOST", "TELE_BYTES_LOST",
           "TELE_UDP_LOST", "TELE_SHARED_OVERFLOW", "TELE_DIRTY_LOST", "SOCK_OTHERS", "TELE_TUPLE_MISMATCH",
           "TELE_TUPLE_CHECKED", "TELE_READ_FAULT", "TELE_PENDING_LOST",
@@ -43,7 +48,7 @@ MACROS = ("SKC_BLOCK", "GUESS_SOCK", "GUESS_TASK", "GUESS_TASK_AT", "GUESS_SKB_A
           "TPF_ISS_PROTOCOL", "TPF_ISS_SADDR", "TPF_ISS_DADDR", "TPF_ISS_SADDR_V6",
           "TPF_ISS_DADDR_V6", "TPF_SENDTO_ADDR", "TPF_SENDMSG_MSG", "TPF_RECVFROM_ADDR",
           "TPF_RECVMSG_MSG", "TPF_SYSEXIT_RET", "TPF_SSL_SK", "TPF_SSL_RET", "TPF_SSL_FLAGS",
-          "TPF_RETRANS_SKADDR", "TPF_RETRANS_SKBADDR", "TEST_SEND_CALLS", "CONN_CLOSED")
+          "TPF_RETRANS_SKADDR", "TPF_RETRANS_SKBADDR", "TPF_ISS_OLDSTATE", "TEST_SEND_CALLS", "CONN_CLOSED")
 
 
 def _compiler():
@@ -126,7 +131,7 @@ def test_conn_tuple_mirrors_the_c_struct(c_layout):
 
 
 def test_conn_stats_mirrors_the_c_struct(c_layout):
-    assert c_layout["conn_stats"] == conntrack.CONN_STATS.size == 64
+    assert c_layout["conn_stats"] == conntrack.CONN_STATS.size == 72
     assert c_layout["conn_stats.state"][0] == conntrack._STATE_OFFSET
     assert c_layout["conn_tuple.pid"][0] == conntrack._PID_OFFSET
     assert c_layout["conn_tuple.proto"][0] == conntrack._PROTO_OFFSET
@@ -140,13 +145,13 @@ def test_sock_info_mirrors_the_c_struct(c_layout):
     st = conntrack.SOCK_INFO_STATS
     assert (st.start, st.stop - st.start) == c_layout["sock_info.stats"]
     assert c_layout["sock_info.others"][1] == 4 * c_layout["SOCK_OTHERS"]
-    assert c_layout["sock_info"] == conntrack.SOCK_INFO.size == 136
+    assert c_layout["sock_info"] == conntrack.SOCK_INFO.size == 144
     assert_mirrors(c_layout, "sock_info", conntrack.SOCK_INFO)
 
 
 def test_offsets_mirrors_the_c_struct_field_by_name(c_layout):
     # OFFSET_FIELDS are the C field names: the probe compiled with them
-    assert c_layout["offsets"] == offsetguess.OFFSETS.size == 92
+    assert c_layout["offsets"] == offsetguess.OFFSETS.size == 108
     assert c_layout["SKC_BLOCK"] == offsetguess.SKC_BLOCK
     assert_mirrors(c_layout, "offsets", offsetguess.OFFSETS)
 
@@ -156,6 +161,23 @@ def test_guess_modes_are_the_c_macros(c_layout):
             c_layout["GUESS_SKB_AT"], c_layout["GUESS_QSKB_AT"], c_layout["GUESS_SKB_BEFORE"]) == (
         offsetguess.GUESS_SOCK, offsetguess.GUESS_TASK, offsetguess.GUESS_TASK_AT,
         offsetguess.GUESS_SKB_AT, offsetguess.GUESS_QSKB_AT, offsetguess.GUESS_SKB_BEFORE)
+
+
+def test_conn_event_mirrors_the_c_struct(c_layout):
+    import abi
+    import events
+    assert c_layout["conn_event"] == abi.EVENT.size == 120
+    assert_mirrors(c_layout, "conn_event", abi.EVENT)
+    assert events.KINDS == dict((c_layout[m], n) for m, n in (
+        ("EV_CONNECT", "connect"), ("EV_ACCEPT", "accept"), ("EV_CLOSE", "close"),
+        ("EV_CONNECT_FAILED", "connect_failed"), ("EV_UDP_OPEN", "udp_open")))
+    assert conntrack.ENDS == dict((c_layout[m], n) for m, n in (
+        ("END_FIN", "fin"), ("END_RESET_SENT", "reset_sent"),
+        ("END_RESET_RECEIVED", "reset_received"), ("END_TIMEOUT", "timeout"),
+        ("END_REFUSED", "refused"), ("END_CONNECT_TIMEOUT", "connect_timeout"),
+        ("END_UNREACHABLE", "unreachable"), ("END_ABORTED", "aborted")))
+    assert c_layout["WANT_EVENTS"] == offsetguess.WANT_EVENTS
+    assert c_layout["GUESS_STATE"] == offsetguess.GUESS_STATE
 
 
 def test_guess_req_mirrors_the_c_struct(c_layout):
@@ -183,7 +205,8 @@ def test_telemetry_names_follow_the_tele_indexes(c_layout):
                         ("TELE_SHARED_OVERFLOW", "shared_overflow"), ("TELE_DIRTY_LOST", "dirty_lost"),
                         ("TELE_STASH_LOST", "stash_lost"), ("TELE_TUPLE_MISMATCH", "tuple_mismatch"),
                         ("TELE_TUPLE_CHECKED", "tuple_checked"), ("TELE_READ_FAULT", "read_faults"),
-                        ("TELE_PENDING_LOST", "pending_lost")):
+                        ("TELE_PENDING_LOST", "pending_lost"), ("TELE_EVENTS_LOST", "events_lost"),
+                        ("TELE_EVENTS", "events")):
         assert names[c_layout[macro]] == name, macro
 
 
@@ -209,6 +232,7 @@ def test_tp_fields_slots_follow_the_tpf_indexes(c_layout):
         "TPF_SSL_FLAGS": ("sock", "sock_send_length", "flags"),
         "TPF_RETRANS_SKADDR": ("tcp", "tcp_retransmit_skb", "skaddr"),
         "TPF_RETRANS_SKBADDR": ("tcp", "tcp_retransmit_skb", "skbaddr"),
+        "TPF_ISS_OLDSTATE": ("sock", "inet_sock_set_state", "oldstate"),
     }
     assert dict((c_layout[m], v) for m, v in want.items()) == backends.TP_FIELDS
     assert max(backends.TP_FIELDS) < c_layout["TPF_MAX"]

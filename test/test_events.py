@@ -1,0 +1,20 @@
+"""Connection events, failures and RTT (issue 12) on the host's
+tracepoint backend; the same cases run on the kprobe backend in the
+guests (test_kprobe.py).  See eventcases.py."""
+
+import pytest
+
+from conftest import need_tracepoint_backend
+import eventcases
+
+pytestmark = pytest.mark.root
+
+CASES = ["exact_sequence_of_a_connection", "short_connections_within_one_poll",
+         "refused_connect", "resets_both_ways", "timeout_and_unreachable",
+         "burst_of_connections", "udp_open_and_expire", "rtt_matches_tcp_info"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_events(case):
+    need_tracepoint_backend()
+    getattr(eventcases, case)("tracepoint")
