@@ -178,21 +178,28 @@ def resets_both_ways(backend):
 
 
 NETNS_CONNECT = r"""
-import json, socket, subprocess, sys, time
+import json, os, select, socket, struct, subprocess, sys, time
 subprocess.check_call(["ip", "link", "set", "lo", "up"])
 subprocess.run(["nft", "-f", "-"], input=sys.argv[1].encode(), check=True)
 out = []
 for port in (81, 82):
     s = socket.socket()
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, 1)
+    s.setblocking(False)
     t0 = time.time()
-    err = s.connect_ex(("127.0.0.1", port))
-    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    out.append({"port": port, "err": err, "lport": s.getsockname()[1],
-                "seconds": time.time() - t0,
-                "total_retrans": __import__("struct").unpack_from("<I", info, 100)[0]})
+    s.connect_ex(("127.0.0.1", port))
+    retrans = 0
+    while True:  # TCP_INFO while it tries (a failed connect clears it)
+        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        if info[0] != 2:  # no longer SYN_SENT
+            break
+        retrans = struct.unpack_from("<I", info, 100)[0]
+        select.select([], [s], [], 0.02)
+    out.append({"port": port, "err": s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR),
+                "lport": s.getsockname()[1], "seconds": time.time() - t0,
+                "total_retrans": retrans})
     s.close()
-print(json.dumps({"pid": __import__("os").getpid(), "results": out}))
+print(json.dumps({"pid": os.getpid(), "results": out}))
 """
 NFT_RULES = """
 table inet t {
@@ -230,7 +237,7 @@ def timeout_and_unreachable(backend):
                     (82, "connect_failed", "unreachable", res[82]["lport"])]
     timed = [e for e in evs if e.pid == child and e.rport == 81][0]
     # the SYNs retransmitted, as the kernel counts them (TCP_SYNCNT 1: 1 or 2, by kernel)
-    assert timed.retransmits == res[81]["total_retrans"] >= 1
+    assert timed.retransmits == res[81]["total_retrans"] >= 1, (timed.retransmits, res)
     assert abs(timed.duration - res[81]["seconds"]) < 0.5
     assert sorted((r.rport, r.failed_connects, r.end) for r in recs) == [
         (81, 1, "connect_timeout"), (82, 1, "unreachable")]
@@ -323,3 +330,56 @@ def rtt_matches_tcp_info(backend, rounds=30, gap=0.02):
     assert close.rtt_us is not None, close
     assert abs(close.rtt_us - rtt) <= 0.2 * rtt, (close.rtt_us, rtt)
     return close.rtt_us, rtt
+
+
+NETEM_RTT = r"""
+import json, os, socket, struct, subprocess, sys, time
+subprocess.check_call(["ip", "link", "set", "lo", "up"])
+subprocess.check_call(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "%dms"])
+lst = socket.socket()
+lst.bind(("127.0.0.1", 0))
+lst.listen(1)
+c = socket.create_connection(lst.getsockname())
+s, _ = lst.accept()
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for i in range(12):                 # request/reply: each ACK rides on the reply
+    c.sendall(b"q" * 100)
+    s.recv(100)
+    s.sendall(b"r" * 100)
+    c.recv(100)
+c.shutdown(socket.SHUT_WR)
+s.recv(10)
+time.sleep(0.2)                     # FIN acknowledged: the RTT moves no more
+rtt = struct.unpack_from("<I", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 68)[0]
+s.close()
+time.sleep(0.2)
+print(json.dumps({"pid": os.getpid(), "lport": c.getsockname()[1], "tcpi_rtt": rtt}))
+c.close()
+"""
+
+
+def rtt_with_netem_delay(backend, delay_ms=20):
+    """A connection in a network namespace whose loopback delays every
+    packet by delay_ms (netem): its rtt_us is within 20% of the imposed
+    round trip (2 * delay_ms) and of TCP_INFO's tcpi_rtt."""
+    import json
+    if shutil.which("tc") is None or shutil.which("unshare") is None:
+        pytest.skip("tc (iproute2) or unshare missing")
+    if subprocess.call(["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+                        "delay", "1ms"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        pytest.skip("no netem qdisc in kernel %s (the Debian guest kernels have it)"
+                    % os.uname()[2])
+    with tracer.Tracer(backend=backend, events=True, tcp=True, udp=False) as t:
+        t.poll()
+        out = subprocess.check_output(["unshare", "--net", sys.executable, "-c",
+                                       NETEM_RTT % delay_ms], universal_newlines=True, timeout=60)
+        got = json.loads(out.strip().splitlines()[-1])
+        evs = drain(t, lambda e: any(x.pid == got["pid"] and x.event == "close" and
+                                     x.lport == got["lport"] for x in e))
+    close = [e for e in evs if e.pid == got["pid"] and e.event == "close" and
+             e.lport == got["lport"]]
+    assert len(close) == 1, evs
+    want = 2000 * delay_ms
+    assert abs(close[0].rtt_us - want) <= 0.2 * want, (close[0].rtt_us, want)
+    assert abs(close[0].rtt_us - got["tcpi_rtt"]) <= 0.2 * got["tcpi_rtt"], (close[0], got)

@@ -196,3 +196,16 @@ def test_churn_of_mixed_endings_every_side_exact(col):
     the guest): every side exactly one record (test/churn.py)."""
     import churn
     churn.check(col, n=150, clients=2, servers=1)
+
+
+# --- events, failures and RTT (issue 12): the host's cases, kprobe backend ---
+
+@pytest.mark.parametrize("case", ["exact_sequence_of_a_connection",
+                                  "short_connections_within_one_poll", "refused_connect",
+                                  "resets_both_ways", "timeout_and_unreachable",
+                                  "burst_of_connections", "udp_open_and_expire",
+                                  "rtt_matches_tcp_info", "rtt_with_netem_delay"])
+def test_events(case):
+    _need()
+    import eventcases
+    getattr(eventcases, case)("kprobe")
