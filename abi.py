@@ -163,8 +163,8 @@ def _shape(m):
 
 def check_object(spec, programs=None):
     """Raise elfload.ObjectError naming the first way spec differs from
-    what the tracer needs: a map missing or of another type, key size,
-    value size, entry count or flags; a program missing or with another
+    what the tracer needs: a map missing, unknown, or of another type, key
+    size, value size, entry count or flags; a program missing or with another
     kind or target; a license that is not GPL.  programs: the names to
     check (every one in PROGRAMS when None).  Returns None."""
     def bad(msg):
@@ -190,6 +190,11 @@ def check_object(spec, programs=None):
                                                   want.max_entries))
         if got.flags != want.flags:
             raise bad("map %r: flags 0x%x, expected 0x%x" % (want.name, got.flags, want.flags))
+    for name in sorted(spec.maps):
+        if name not in MAPS_BY_NAME:
+            # load() would make it in the kernel, with whatever shape it has
+            raise bad("map %r is unknown to this tracer (its maps: %s)" % (
+                name, ", ".join(MAPS_BY_NAME)))
     for name in (PROGRAMS if programs is None else programs):
         got = spec.programs.get(name)
         want = PROGRAMS.get(name)

@@ -5,7 +5,8 @@ ObjectSpec: programs by function name (with section, program type and attach
 target), legacy maps from the "maps" section, license and kernel version, and
 the map relocations of each program.  A truncated, malformed or foreign file
 raises ObjectError naming what is wrong, in one line; no other exception
-escapes parse() or load() for what the file holds.  Whether the object has
+escapes parse() or load() for what the file holds, and parse() takes time
+and memory in proportion to the file (test_fuzz.py).  Whether the object has
 what the tracer needs (maps of the right shape, its programs) is abi.py's
 question.
 
@@ -15,6 +16,8 @@ Collection, owns every fd and closes them all on close() -- also when a
 step in the middle fails.
 """
 
+import bisect
+import collections
 import re
 import struct
 
@@ -24,12 +27,17 @@ EM_BPF = 247
 SHT_SYMTAB = 2
 SHT_REL = 9
 SHT_NOBITS = 8  # occupies no bytes in the file
+SHT_NULL = 0
 SHF_EXECINSTR = 0x4
 STT_FUNC = 2
 STT_OBJECT = 1
 BPF_LD_IMM64 = 0x18
 INSN = 8  # bytes per instruction; an ld_imm64 takes two
 R_BPF_64_64 = 1
+SYM_SIZE, REL_SIZE = 24, 16  # Elf64_Sym, Elf64_Rel
+# the longest name read from a string table: far above any symbol or section
+# name (a kernel symbol is at most 512), and a bound on what names can cost
+MAX_NAME = 1024
 MAP_DEF = struct.Struct("<IIIII")  # struct bpf_map_def in tracer.bpf.c
 # an ld_imm64 of 0 from no source: what clang leaves for the loader to fill
 # (a map's address); a constant 0 it would load with a mov
@@ -79,6 +87,17 @@ class ProgramSpec(object):
     def __repr__(self):
         return "ProgramSpec(%s, %s, %d insns)" % (self.name, self.section, len(self.insns) // 8)
 
+    def linked(self, map_fds):
+        """The instructions as BPF_PROG_LOAD takes them: each relocated
+        ld_imm64 loads its map's fd (map_fds: {map name: fd})."""
+        insns = bytearray(self.insns)
+        for idx, map_name in self.relocs:
+            off = idx * INSN
+            # ld_imm64: src_reg = BPF_PSEUDO_MAP_FD, imm = the map's fd
+            insns[off + 1] = (insns[off + 1] & 0x0F) | (bpfsys.BPF_PSEUDO_MAP_FD << 4)
+            struct.pack_into("<i", insns, off + 4, map_fds[map_name])
+        return bytes(insns)
+
 
 class ObjectSpec(object):
     def __init__(self, path, programs, maps, license, kern_version):
@@ -117,13 +136,8 @@ class ObjectSpec(object):
         return coll
 
     def _load_program(self, spec, maps):
-        insns = bytearray(spec.insns)
-        for idx, map_name in spec.relocs:
-            off = idx * 8
-            # ld_imm64: src_reg = BPF_PSEUDO_MAP_FD, imm = the map's fd
-            insns[off + 1] = (insns[off + 1] & 0x0F) | (bpfsys.BPF_PSEUDO_MAP_FD << 4)
-            struct.pack_into("<i", insns, off + 4, maps[map_name].fd)
-        return bpfsys.Program(spec.prog_type, bytes(insns), self.license, spec.name,
+        insns = spec.linked(dict((name, m.fd) for name, m in maps.items()))
+        return bpfsys.Program(spec.prog_type, insns, self.license, spec.name,
                               self.kern_version,
                               bpfsys.CGROUP_ATTACH_TYPES.get(spec.target, 0) if spec.kind == "cgroup" else 0)
 
@@ -221,10 +235,13 @@ def parse(data, path="<bytes>"):
     def cstr(table_off, table_size, off):
         if off >= table_size:
             raise bad("string offset %d outside its table" % off)
-        end = data.find(b"\0", table_off + off, table_off + table_size)
+        start = table_off + off
+        end = data.find(b"\0", start, min(table_off + table_size, start + MAX_NAME + 1))
+        if end < 0 and table_size - off > MAX_NAME:
+            raise bad("a name of over %d bytes in a string table" % MAX_NAME)
         if end < 0:
             raise bad("unterminated string in a string table")
-        return data[table_off + off:end].decode("utf-8", "replace")
+        return data[start:end].decode("utf-8", "replace")
 
     names = [cstr(shstr[3], shstr[4], s[0]) for s in sections]
 
@@ -236,13 +253,19 @@ def parse(data, path="<bytes>"):
     if not symtab:
         raise bad("no symbol table")
     st = in_file(symtab[0], "the symbol table (section %d)" % symtab[0])
+    if st[4] % SYM_SIZE:
+        raise bad("the symbol table (section %d) is %d bytes, not a whole number of %d-byte "
+                  "symbols" % (symtab[0], st[4], SYM_SIZE))
     if st[5] >= len(sections):
         raise bad("the symbol table links to string table %d, which does not exist" % st[5])
     strtab = in_file(st[5], "the symbol string table (section %d)" % st[5])
     symbols = []
-    for k in range(st[4] // 24):
-        (s_name, s_info, _, s_shndx, s_value, s_size) = struct.unpack_from("<IBBHQQ", data, st[3] + k * 24)
+    in_section = collections.defaultdict(list)  # section index -> its symbols' indexes
+    for k in range(st[4] // SYM_SIZE):
+        (s_name, s_info, _, s_shndx, s_value, s_size) = struct.unpack_from(
+            "<IBBHQQ", data, st[3] + k * SYM_SIZE)
         symbols.append((cstr(strtab[3], strtab[4], s_name), s_info & 0xF, s_shndx, s_value, s_size))
+        in_section[s_shndx].append(k)
 
     license = "GPL"
     kern_version = 0
@@ -262,8 +285,9 @@ def parse(data, path="<bytes>"):
             kern_version = struct.unpack("<I", raw)[0]
         elif n == "maps":
             raw = body(i)
-            for k, (sname, stype, shndx, value, size) in enumerate(symbols):
-                if shndx != i or not sname:
+            for k in in_section[i]:
+                sname, _, _, value, _ = symbols[k]
+                if not sname:
                     continue
                 if value + MAP_DEF.size > len(raw):
                     raise bad("map %s: definition runs past the maps section" % sname)
@@ -276,7 +300,7 @@ def parse(data, path="<bytes>"):
 
     programs = {}
     prog_at = {}      # program name -> where its code is, for a second one
-    prog_ranges = {}  # section index -> [(start, end, name)]
+    prog_ranges = {}  # section index -> ([start], [(start, end, name)]), in order
     for i, n in enumerate(names):
         if not (sections[i][2] & SHF_EXECINSTR) or sections[i][4] == 0:
             continue
@@ -289,7 +313,8 @@ def parse(data, path="<bytes>"):
             raise bad("section %r: unknown cgroup hook %r (known: %s)" % (
                 n, target, ", ".join(sorted(bpfsys.CGROUP_ATTACH_TYPES))))
         code = body(i)
-        funcs = sorted((v, s, sn) for (sn, t, sh, v, s) in symbols if sh == i and t == STT_FUNC)
+        funcs = sorted((value, size, sname) for sname, stype, _, value, size in
+                       (symbols[k] for k in in_section[i]) if stype == STT_FUNC)
         if not funcs:
             raise bad("section %r has code but no function symbol" % n)
         ranges = []
@@ -303,13 +328,15 @@ def parse(data, path="<bytes>"):
                 raise bad("function %r in %s is empty" % (fname, where))
             if value % INSN:
                 raise bad("function %r in %s does not start on an instruction" % (fname, where))
+            if ranges and value < ranges[-1][1]:
+                raise bad("functions %r and %r overlap in section %r" % (ranges[-1][2], fname, n))
             if fname in programs:
                 raise bad("two functions named %r: in %s and in %s" % (fname, prog_at[fname], where))
             programs[fname] = ProgramSpec(fname, n, prog_type, kname, target,
                                           code[value:value + size], [])
             prog_at[fname] = where
             ranges.append((value, value + size, fname))
-        prog_ranges[i] = ranges
+        prog_ranges[i] = ([a for a, _, _ in ranges], ranges)
 
     for i, n in enumerate(names):
         if sections[i][1] != SHT_REL:
@@ -318,12 +345,17 @@ def parse(data, path="<bytes>"):
         if target_sec not in prog_ranges:
             continue
         raw = body(i)
-        for k in range(len(raw) // 16):
-            r_off, r_info = struct.unpack_from("<QQ", raw, k * 16)
+        if len(raw) % REL_SIZE:
+            raise bad("section %d %r is %d bytes, not a whole number of %d-byte relocations" % (
+                i, n, len(raw), REL_SIZE))
+        starts, ranges = prog_ranges[target_sec]
+        for k in range(len(raw) // REL_SIZE):
+            r_off, r_info = struct.unpack_from("<QQ", raw, k * REL_SIZE)
             sym, rtype = r_info >> 32, r_info & 0xFFFFFFFF
-            prog = next((p for (a, b, p) in prog_ranges[target_sec] if a <= r_off < b), None)
-            if prog is None:
+            j = bisect.bisect_right(starts, r_off) - 1
+            if j < 0 or r_off >= ranges[j][1]:
                 raise bad("relocation at %s+%d is outside every function" % (names[target_sec], r_off))
+            start, _, prog = ranges[j]
             if sym >= len(symbols):
                 raise bad("relocation in %s names symbol %d, which does not exist" % (prog, sym))
             if sym not in map_by_sym:
@@ -331,7 +363,6 @@ def parse(data, path="<bytes>"):
                           "non-inlined functions and global data are not supported)" % (
                               prog, symbols[sym][0]))
             spec = programs[prog]
-            start = next(a for (a, b, p) in prog_ranges[target_sec] if p == prog)
             idx = (r_off - start) // INSN
             if rtype != R_BPF_64_64 or (r_off - start) % INSN or spec.insns[idx * INSN] != BPF_LD_IMM64:
                 raise bad("program %s: relocation type %d at instruction %d is not a map load" % (
@@ -349,4 +380,16 @@ def parse(data, path="<bytes>"):
             if m.start() % INSN == 0 and m.start() // INSN not in done:
                 raise bad("program %s: the map load at instruction %d has no relocation naming "
                           "its map" % (name, m.start() // INSN))
+
+    # each byte of the file is one thing's: sections that share bytes (with
+    # each other, the ELF header or the section table) were not laid out by a linker
+    spans = sorted([(0, 64, "the ELF header"), (e_shoff, e_shoff + e_shnum * 64, "the section table")]
+                   + [(s[3], s[3] + s[4], "section %d %r" % (i, names[i])) for i, s in enumerate(sections)
+                      if s[1] not in (SHT_NULL, SHT_NOBITS) and s[4]])
+    last = spans[0]
+    for span in spans[1:]:
+        if span[0] < last[1]:
+            raise bad("%s (bytes %d-%d) overlaps %s (bytes %d-%d)" % (last[2], last[0], last[1],
+                                                                     span[2], span[0], span[1]))
+        last = max(last, span, key=lambda sp: sp[1])
     return ObjectSpec(path, programs, maps, license, kern_version)
