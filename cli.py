@@ -106,7 +106,10 @@ output (--json): one JSON object per line on stdout.  After each interval,
   one {"type": "conn", ...} per connection active in it (fields: time,
   proto, family, pid, comm, laddr, lport, raddr, rport, netns, sent_bytes,
   recv_bytes, sent_delta, recv_delta, retransmits, state, direction,
-  start_time, duration: null where the start was not seen), or with -P one
+  start_time, duration: null where the start was not seen; TCP: end (how it
+  ended: fin, reset_sent, reset_received, timeout, refused, connect_timeout,
+  unreachable, aborted), failed_connects, resets_sent, resets_received,
+  rtt_us, rtt_var_us (the kernel's smoothed RTT, as TCP_INFO)), or with -P one
   {"type": "process", ...} per process (pid, comm, conns, tcp, udp,
   sent_delta, recv_delta, sent_bytes, recv_bytes); then one
   {"type": "telemetry", ...} (tracked, lost, conn_lost, closed_lost,
@@ -115,6 +118,19 @@ output (--json): one JSON object per line on stdout.  After each interval,
   1-based number, "records": records printed, "final": true on the last,
   "interval_seconds").  A line "tracer: tracing ..." on stderr says when
   tracing has started.
+
+--events: one line per connection event as it happens instead of the table:
+  time, event (connect, accept, close, connect_failed, udp_open,
+  udp_expire), pid, comm, proto, local endpoint, > (outgoing) or <
+  (incoming), remote endpoint, then for close and connect_failed the bytes,
+  duration and how it ended, and the RTT.  --json: {"type": "event", ...}
+  records (fields: event, time, proto, family, pid, comm, laddr, lport,
+  raddr, rport, netns, direction, sent_bytes, recv_bytes, retransmits,
+  start_time, duration, end, rtt_us, rtt_var_us) and each interval's
+  telemetry record.  Events come through a BPF ring buffer (Linux 5.8+);
+  telemetry counts them (events) and any the buffer had no room for
+  (events_lost).  A FAIL column appears in the table when a connection
+  failed or was reset.
 
 --prometheus [ADDR:]PORT: http://ADDR:PORT/metrics in the Prometheus text
   format, next to the screen or JSON (alone with -q).  Counters
@@ -145,6 +161,7 @@ examples:
   sudo python3 tracer.py --rport 5432 --raddr 10.0.0.0/8 --comm java
   sudo python3 tracer.py --pid 1234 -4      # one process, IPv4 only
   sudo python3 tracer.py --json 1 | jq 'select(.type=="conn")'
+  sudo python3 tracer.py --events           # connections as they open and close
   sudo python3 tracer.py --prometheus :9464 -q   # a /metrics endpoint only
   sudo python3 tracer.py --backend kprobe   # force the kprobe backend
   sudo python3 tracer.py --check            # what works on this kernel"""

@@ -11,7 +11,9 @@ monotonic after a connection closes and leaves the tracer's tables):
 tracer_sent_bytes_total, tracer_received_bytes_total,
 tracer_connections_opened_total (records reported for the first time),
 tracer_connections_closed_total (records reported closed, counted once
-each) and tracer_retransmits_total (the records' retrans_delta).  Their labels:
+each), tracer_retransmits_total (the records' retrans_delta),
+tracer_failed_connects_total, tracer_resets_sent_total and
+tracer_resets_received_total (counted when the record closes).  Their labels:
 
     pid, comm, proto   the process and the protocol
     direction          outgoing, incoming or unknown (as the record's)
@@ -53,6 +55,10 @@ COUNTERS = (
      "Connections reported for the first time (opened, or already open when tracing began)."),
     ("tracer_connections_closed_total", "Connections reported closed."),
     ("tracer_retransmits_total", "TCP segments retransmitted."),
+    ("tracer_failed_connects_total",
+     "TCP connect() attempts that never established (refused, timed out, unreachable)."),
+    ("tracer_resets_sent_total", "TCP connections ended by a reset this host sent."),
+    ("tracer_resets_received_total", "TCP connections ended by a reset the peer sent."),
 )
 LABEL_HELP = (" port: the remote port of outgoing connections, the local port of incoming ones, "
               "the lower of the two where the direction is unknown; labels all \"other\" "
@@ -164,8 +170,13 @@ class Exporter(object):
                 n[0] += c.sent_delta
                 n[1] += c.recv_delta
                 n[2] += bool(c.first_seen)
-                n[3] += self._closing(c)
+                closing = self._closing(c)
+                n[3] += closing
                 n[4] += c.retrans_delta
+                if closing:
+                    n[5] += getattr(c, "failed_connects", 0)
+                    n[6] += getattr(c, "resets_sent", 0)
+                    n[7] += getattr(c, "resets_received", 0)
             if telemetry is not None:
                 self.telemetry = dict(telemetry)
 

@@ -66,7 +66,8 @@ def labels(pid=100, comm="curl", proto="tcp", direction="outgoing", raddr="10.0.
 
 
 OTHER = dict((k, "other") for k in prometheus.LABELS)
-COUNTERS = [name for name, _ in prometheus.COUNTERS]
+COUNTERS = [name for name, _ in prometheus.COUNTERS][:5]  # bytes, opened, closed, retransmits
+FAILURES = [name for name, _ in prometheus.COUNTERS][5:]
 
 
 def counts(fams, **lab):
@@ -81,6 +82,22 @@ def totals(fams):
 
 
 # -- counters from synthetic records ------------------------------------------
+
+def test_failures_and_resets_count_once_when_the_record_closes():
+    exp = prometheus.Exporter()
+    for end, fields in (("refused", (1, 0, 0)), ("reset_sent", (0, 1, 0)),
+                        ("reset_received", (0, 0, 1)), ("fin", (0, 0, 0))):
+        f = Life(rport=1000 + len(end))
+        c = f.report(sent=5)
+        exp.update([c])
+        c = f.report(closed=True)
+        c.end = end
+        c.failed_connects, c.resets_sent, c.resets_received = fields
+        exp.update([c])
+        exp.update([c])  # reported again (a snapshot): not counted twice
+        fams = render(exp)
+        got = tuple(int(fams[n].get(0, **labels(port=1000 + len(end)))) for n in FAILURES)
+        assert got == fields, (end, got)
 
 def test_counters_are_the_sums_of_each_label_sets_deltas_across_polls():
     exp = prometheus.Exporter()
