@@ -17,10 +17,20 @@ import threading
 
 # --- ABI numbers -----------------------------------------------------------
 
+# x86-64 only: the BPF programs read x86-64 struct pt_regs, and the offset
+# guesser knows x86-64 kernel pointers (README: "x86_64 only")
 _SYSCALLS = {  # machine: (bpf, perf_event_open, gettid)
     "x86_64": (321, 298, 186),
-    "aarch64": (280, 241, 178),
 }
+
+
+def machine_error(machine=None):
+    """None on x86_64, else the one-line reason tracing cannot run here."""
+    m = machine or platform.machine()
+    if m in _SYSCALLS:
+        return None
+    return ("tracer-bpf runs on x86_64 only (its BPF programs read x86-64 registers and "
+            "its offset guessing knows x86-64 kernel addresses); this machine is %s" % m)
 
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
@@ -116,7 +126,7 @@ class BPFError(OSError):
 def _machine():
     m = platform.machine()
     if m not in _SYSCALLS:
-        raise OSError(errno.ENOSYS, "unsupported machine %s (x86_64 and aarch64 are supported)" % m)
+        raise OSError(errno.ENOSYS, machine_error(m))
     return m
 
 

@@ -856,7 +856,9 @@ def check(args):
            "guess_seconds": None, "startup_seconds": None, "ok": False, "error": None}
     missing = bpfsys.missing_capabilities()
     rep["missing_capabilities"] = missing
-    if missing:
+    if bpfsys.machine_error():
+        rep["error"] = bpfsys.machine_error()
+    elif missing:
         # and so does probing: tracefs is root-only, every backend would look missing
         rep["error"] = tracer.needs_privilege(missing)
     else:
@@ -934,6 +936,8 @@ def main(argv=None):
     try:
         if args.check:
             return check(args)
+        if bpfsys.machine_error():
+            raise CliError(bpfsys.machine_error())
         missing = bpfsys.missing_capabilities()
         if missing:
             raise CliError(tracer.needs_privilege(missing))

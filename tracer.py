@@ -41,7 +41,7 @@ class TracerError(RuntimeError):
 Conn = conntrack.Conn
 ConnKey = conntrack.ConnKey
 Event = events_mod.Event
-__all__ = ["Tracer", "Conn", "ConnKey", "Event", "TracerError", "main"]
+__all__ = ["Tracer", "Conn", "ConnKey", "Event", "TracerError"]
 
 
 def needs_privilege(missing):
@@ -132,6 +132,8 @@ class Tracer(object):
         self.ready_seconds = time.time() - self.started
 
     def _open(self, backend, obj_path, max_conns, kprobe_method, udp_idle, tcp_idle):
+        if bpfsys.machine_error():
+            raise TracerError(bpfsys.machine_error())
         missing = bpfsys.missing_capabilities()
         if missing:
             raise TracerError(needs_privilege(missing))
@@ -376,10 +378,6 @@ class Tracer(object):
         self.close()
 
 
-def main(argv=None):
+if __name__ == "__main__":  # python3 tracer.py: the command line (importing tracer never loads it)
     import cli
-    return cli.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main())
