@@ -223,9 +223,9 @@ def _network(text):
 
 
 def _comm(text):
-    if len(text) > 15:
+    if len(text.encode("utf-8", "surrogateescape")) > 15:
         raise argparse.ArgumentTypeError("%r: a process name is at most 15 characters "
-                                         "(the kernel's comm)" % text)
+                                         "(bytes: the kernel's comm)" % text)
     return text
 
 
@@ -338,7 +338,8 @@ def parser():
 def parse_args(argv=None):
     """The arguments, checked together; argparse's exit 2 on bad ones."""
     p = parser()
-    args = p.parse_args(argv)
+    # the positional interval and count may stand among the options (3.7+)
+    args = getattr(p, "parse_intermixed_args", p.parse_args)(argv)
     for name in ("interval", "count"):
         pos = getattr(args, name + "_pos")
         if pos is not None:
@@ -558,7 +559,12 @@ class ProcessTotals(object):
             t = self.totals.get(pid, (0, 0))
             totals[pid] = (t[0] + p.sent_delta, t[1] + p.recv_delta)
             p.sent_bytes, p.recv_bytes = totals[pid]
-        self.totals = totals  # a process with no connection left is forgotten
+        # a process with no connection now keeps its totals while it lives
+        # (its next connection adds to them); one that is gone is forgotten
+        for pid, t in self.totals.items():
+            if pid not in totals and os.path.exists("/proc/%d" % pid):
+                totals[pid] = t
+        self.totals = totals
         return list(procs.values())
 
 
@@ -721,7 +727,7 @@ class Output(object):
         recv = sum(c.recv_delta for c in conns)
         if self.procs is not None:
             what = "%d processes, %d connections" % (
-                len(self.procs.totals), sum(1 for c in conns if c.state == "open"))
+                len(set(c.pid for c in conns)), sum(1 for c in conns if c.state == "open"))
         else:  # tracked: in the kernel's tables at this poll, those closing now included
             what = "%d active, %d tracked" % (
                 len(conns), tele["tracked"] + sum(1 for c in conns if c.state == "closed"))

@@ -46,8 +46,23 @@ __all__ = ["Tracer", "Conn", "ConnKey", "Event", "TracerError"]
 
 def needs_privilege(missing):
     """The one-line error for missing capabilities (names)."""
-    return ("tracing needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); this process lacks %s: "
-            "run it with sudo" % " and ".join(missing))
+    fix = ("it runs as root, but with a bounded capability set (a container, capsh, setpriv): "
+           "grant them" if os.geteuid() == 0 else "run it with sudo")
+    return ("tracing needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); this process lacks %s: %s"
+            % (" and ".join(missing), fix))
+
+
+def _net_admin(status="/proc/self/status"):
+    """Whether this process's effective set has CAP_NET_ADMIN or CAP_SYS_ADMIN."""
+    try:
+        with open(status) as f:
+            eff = int([l.split()[1] for l in f if l.startswith("CapEff:")][0], 16)
+    except (OSError, IndexError, ValueError):
+        return True  # unknown: try, and let the kernel say
+    return bool(eff >> _CAP_NET_ADMIN & 1 or eff >> bpfsys.CAP_SYS_ADMIN & 1)
+
+
+_CAP_NET_ADMIN = 12
 
 
 def _bad_object(e):
@@ -56,26 +71,64 @@ def _bad_object(e):
                        "again)" % "\\n".join(str(e).splitlines()))
 
 
+def _items(value, single):
+    """[value] where it is one item (an instance of single), else the
+    iterable's items; None where it is neither."""
+    if isinstance(value, single):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        return None
+
+
+def _whole(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _ports(value, what):
     """A set of ports from None, an int, or an iterable of ints."""
     if value is None:
         return None
-    ports = set([value] if isinstance(value, int) else value)
-    if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+    ports = _items(value, int)
+    if not ports or not all(_whole(p) and 0 < p < 65536 for p in ports):
         raise TracerError("%s: a port is a whole number from 1 to 65535, got %r" % (what, value))
     return frozenset(ports)
 
 
+_NETWORK_TYPES = (str, ipaddress.IPv4Network, ipaddress.IPv6Network, ipaddress.IPv4Address,
+                  ipaddress.IPv6Address)
+
+
 def _networks(value):
-    """A tuple of ipaddress networks from None, an address or CIDR string,
-    or an iterable of them."""
+    """A tuple of ipaddress networks from None, an address or CIDR (a
+    string or an ipaddress object), or an iterable of them."""
     if value is None:
         return None
-    items = [value] if isinstance(value, str) else list(value)
+    items = _items(value, _NETWORK_TYPES)
+    if not items or not all(isinstance(a, _NETWORK_TYPES) for a in items):
+        raise TracerError("raddr: an address or CIDR (\"10.0.0.0/8\", \"::1\"), or a list of "
+                          "them, got %r" % (value,))
     try:
-        return tuple(ipaddress.ip_network(a, strict=False) for a in items)
+        nets = [ipaddress.ip_network(a, strict=False) for a in items]
     except ValueError as e:
         raise TracerError("raddr: %s" % e)
+    # records show IPv4-mapped IPv6 as IPv4: so is it matched
+    return tuple(ipaddress.ip_network("%s/%d" % (n.network_address.ipv4_mapped, n.prefixlen - 96))
+                 if n.version == 6 and n.prefixlen >= 96 and n.network_address.ipv4_mapped
+                 else n for n in nets)
+
+
+def _comms(value):
+    """A frozenset of process names from None, a name, or an iterable of names."""
+    if value is None:
+        return None
+    names = _items(value, str)
+    if not names or not all(isinstance(c, str) and 0 < len(c.encode("utf-8", "surrogateescape")) <= 15
+                            for c in names):
+        raise TracerError("comm: a process name of 1 to 15 characters (the kernel's comm), "
+                          "or a list of them, got %r" % (value,))
+    return frozenset(names)
 
 
 class Tracer(object):
@@ -89,7 +142,7 @@ class Tracer(object):
       lport, rport  a port or ports: the local / remote port must be one
       raddr   an address or CIDR ("10.0.0.0/8", "::1"), or several: the
               remote address must be in one
-      comm    a process name or names (exact, as shown: up to 15 chars)
+      comm    a process name or names (exact, as shown: 1 to 15 chars)
     pid, tcp/udp, the families and a single port (of port, else lport,
     else rport) are applied in the kernel: traffic they exclude creates no
     entry; the rest is applied to the records.  udp_idle/tcp_idle: seconds
@@ -117,12 +170,13 @@ class Tracer(object):
         if not (ipv4 or ipv6):
             raise TracerError("nothing to trace: both IPv4 and IPv6 are off")
         self.tcp, self.udp, self.ipv4, self.ipv6 = tcp, udp, ipv4, ipv6
+        if pid is not None and not (_whole(pid) and 0 < pid < 1 << 32):
+            raise TracerError("pid: a process id is a whole number above 0, got %r" % (pid,))
         self.pid = pid
         self.port, self.lport, self.rport = _ports(port, "port"), _ports(lport, "lport"), \
             _ports(rport, "rport")
         self.raddr = _networks(raddr)
-        self.comm = None if comm is None else frozenset(
-            [comm[:15]] if isinstance(comm, str) else (c[:15] for c in comm))
+        self.comm = _comms(comm)
         try:
             self._open(backend, obj_path or OBJECT_PATH, max_conns, kprobe_method,
                        udp_idle, tcp_idle)
@@ -161,6 +215,12 @@ class Tracer(object):
         except backends.BackendError as e:
             raise TracerError(str(e))
         names = abi.programs_to_load(self.backend, self.plan)
+        if not _net_admin():
+            # the kernel loads cgroup sock_addr programs only with CAP_NET_ADMIN
+            # (or CAP_SYS_ADMIN): without it (CAP_BPF and CAP_PERFMON, as
+            # containers grant) their load at attach fails, and attach_all
+            # turns to the syscall tracepoints instead
+            names = [n for n in names if n not in set(p for p, k, _ in self.plan if k == "cgroup")]
         try:
             self._coll = spec.load(names, sizes)
         except elfload.ObjectError as e:
