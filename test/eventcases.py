@@ -332,37 +332,63 @@ def rtt_matches_tcp_info(backend, rounds=30, gap=0.02):
     return close.rtt_us, rtt
 
 
-NETEM_RTT = r"""
-import json, os, socket, struct, subprocess, sys, time
-subprocess.check_call(["ip", "link", "set", "lo", "up"])
-subprocess.check_call(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "%dms"])
+NETEM_SERVER = r"""
+import json, socket, subprocess, sys
+sys.stdin.readline()                # the parent has moved our veth end here
+for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "10.99.0.2/24", "dev", "vb"],
+            ["ip", "link", "set", "vb", "up"],
+            ["tc", "qdisc", "add", "dev", "vb", "root", "netem", "delay", "%(delay)dms"]):
+    subprocess.check_call(cmd)
 lst = socket.socket()
-lst.bind(("127.0.0.1", 0))
+lst.bind(("10.99.0.2", 0))
 lst.listen(1)
-c = socket.create_connection(lst.getsockname())
+print(json.dumps({"port": lst.getsockname()[1]}), flush=True)
 s, _ = lst.accept()
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while True:
+    d = s.recv(100)
+    if not d:
+        break
+    s.sendall(b"r" * len(d))
+s.close()
+"""
+
+NETEM_CLIENT = r"""
+import json, os, socket, struct, subprocess, sys, time
+srv = subprocess.Popen(["unshare", "--net", sys.executable, "-c", sys.argv[1]],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+for cmd in (["ip", "link", "set", "lo", "up"],
+            ["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb"],
+            ["ip", "link", "set", "vb", "netns", str(srv.pid)],
+            ["ip", "addr", "add", "10.99.0.1/24", "dev", "va"], ["ip", "link", "set", "va", "up"],
+            ["tc", "qdisc", "add", "dev", "va", "root", "netem", "delay", "%(delay)dms"]):
+    subprocess.check_call(cmd)
+srv.stdin.write("go\n")
+srv.stdin.flush()
+port = json.loads(srv.stdout.readline())["port"]
+c = socket.create_connection(("10.99.0.2", port), timeout=10)
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 for i in range(12):                 # request/reply: each ACK rides on the reply
     c.sendall(b"q" * 100)
-    s.recv(100)
-    s.sendall(b"r" * 100)
-    c.recv(100)
+    got = 0
+    while got < 100:
+        got += len(c.recv(100))
 c.shutdown(socket.SHUT_WR)
-s.recv(10)
-time.sleep(0.2)                     # FIN acknowledged: the RTT moves no more
+c.recv(10)
+time.sleep(0.3)                     # our FIN acknowledged: the RTT moves no more
 rtt = struct.unpack_from("<I", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 68)[0]
-s.close()
-time.sleep(0.2)
-print(json.dumps({"pid": os.getpid(), "lport": c.getsockname()[1], "tcpi_rtt": rtt}))
+lport = c.getsockname()[1]
 c.close()
+srv.wait(10)
+print(json.dumps({"pid": os.getpid(), "lport": lport, "tcpi_rtt": rtt}))
 """
 
 
-def rtt_with_netem_delay(backend, delay_ms=20):
-    """A connection in a network namespace whose loopback delays every
-    packet by delay_ms (netem): its rtt_us is within 20% of the imposed
-    round trip (2 * delay_ms) and of TCP_INFO's tcpi_rtt."""
+def rtt_with_netem_delay(backend, delay_ms=10):
+    """A connection over a veth pair between two network namespaces of its
+    own, each end delaying what it sends by delay_ms (netem): its rtt_us is
+    within 20% of the imposed round trip (2 * delay_ms) and of TCP_INFO's
+    tcpi_rtt for the same socket."""
     import json
     if shutil.which("tc") is None or shutil.which("unshare") is None:
         pytest.skip("tc (iproute2) or unshare missing")
@@ -372,8 +398,10 @@ def rtt_with_netem_delay(backend, delay_ms=20):
                     % os.uname()[2])
     with tracer.Tracer(backend=backend, events=True, tcp=True, udp=False) as t:
         t.poll()
+        code = dict(delay=delay_ms)
         out = subprocess.check_output(["unshare", "--net", sys.executable, "-c",
-                                       NETEM_RTT % delay_ms], universal_newlines=True, timeout=60)
+                                       NETEM_CLIENT % code, NETEM_SERVER % code],
+                                      universal_newlines=True, timeout=60)
         got = json.loads(out.strip().splitlines()[-1])
         evs = drain(t, lambda e: any(x.pid == got["pid"] and x.event == "close" and
                                      x.lport == got["lport"] for x in e))

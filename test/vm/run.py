@@ -53,7 +53,7 @@ INFRA_EXIT = 125
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUSYBOX = "/bin/busybox"
 MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay",
-           "sch_netem", "crc32c_generic", "nf_tables", "nft_reject_inet", "nft_numgen"]  # tests in netns
+           "sch_netem", "veth", "crc32c_generic", "nf_tables", "nft_reject_inet", "nft_numgen"]  # tests in netns
 CMDLINE = ("console=ttyS0 mitigations=off nokaslr pci=noacpi cryptomgr.notests "
            "quiet panic=-1 rdinit=/init")
 # qemu64 (qemu's default CPU model) rather than "max": under TCG, 5.10 runs
