@@ -155,6 +155,9 @@ class Tracer(object):
     def __init__(self, backend="auto", tcp=True, udp=True, ipv6=True, pid=None,
                  ipv4=True, port=None, udp_idle=30.0, tcp_idle=600.0, max_conns=None, obj_path=None,
                  kprobe_method="auto", lport=None, rport=None, raddr=None, comm=None):
+        # poll(), telemetry() and close() one at a time: close() from another
+        # thread (ending a watch()) waits for a poll in progress
+        self._lock = threading.RLock()
         self._coll = None
         self._links = []
         self.started = time.time()
@@ -287,9 +290,19 @@ class Tracer(object):
         return self._poll(True)
 
     def _poll(self, everything):
-        table = self._table_or_raise()
-        lost = self._coll.maps["telemetry"].lookup(_TELE_DIRTY_LOST)
-        return table.poll(self._include, int.from_bytes(lost, "little"), everything)
+        with self._lock:
+            table = self._table_or_raise()
+            lost = self._coll.maps["telemetry"].lookup(_TELE_DIRTY_LOST)
+            return table.poll(self._include, int.from_bytes(lost, "little"), everything)
+
+    def _poll_open(self, everything):
+        """_poll(), or None where close() came first (from another thread)."""
+        try:
+            return self._poll(everything)
+        except TracerError:
+            if self._coll is None:
+                return None
+            raise
 
     def watch(self, interval=2.0, count=None, everything=False):
         """Yield poll() (snapshot() with everything) every interval seconds,
@@ -304,17 +317,23 @@ class Tracer(object):
             try:
                 time.sleep(max(0.0, next_at - time.monotonic()))
             except KeyboardInterrupt:
-                if self._coll is not None:
-                    yield self._poll(everything)
+                got = self._poll_open(everything)
+                if got is not None:
+                    yield got
                 return
-            if self._coll is None:
+            got = self._poll_open(everything)
+            if got is None:
                 return
-            yield self._poll(everything)
+            yield got
             n += 1
             next_at = max(next_at + interval, time.monotonic())
 
     def telemetry(self):
         """Counters: connections tracked, entries lost, poll time, ..."""
+        with self._lock:
+            return self._telemetry()
+
+    def _telemetry(self):
         self._table_or_raise()
         raw = dict(self._coll.maps["telemetry"].items())
         t = {"type": "telemetry", "time": round(time.time(), 3), "backend": self.backend,
@@ -346,6 +365,10 @@ class Tracer(object):
 
     def close(self):
         """Detach every probe and close every fd (idempotent)."""
+        with self._lock:
+            self._close()
+
+    def _close(self):
         # closing a perf event waits for an RCU grace period (~70 ms here):
         # close them side by side, not one after the other
         links, self._links = self._links, []
