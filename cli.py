@@ -270,7 +270,8 @@ def parser():
                            "when stdout is not a terminal)")
     view.add_argument("--rows", type=_positive_int, metavar="N",
                       help="at most N rows an interval, then a '+M more' line (default: what "
-                           "fits the terminal; all when stdout is not a terminal)")
+                           "fits the terminal, never more on a redrawn screen; all when stdout "
+                           "is not a terminal)")
     view.add_argument("--json", action="store_true",
                       help="NDJSON on stdout instead of the table (with --check: one JSON object)")
     view.add_argument("--events", action="store_true",
@@ -707,8 +708,11 @@ class Output(object):
         if self.procs is None and has_failures(rows):
             columns.append(fail_column())
         limit = self.args.rows
+        fits = max(2, height - 3)  # header, column header, the cursor's line
         if limit is None and (self.live or self.out.isatty()):
-            limit = max(2, height - 3)  # header, column header, the cursor's line
+            limit = fits
+        elif limit is not None and self.live:
+            limit = min(limit, fits)  # more would scroll the header away
         more = 0
         if limit is not None and len(rows) > limit:
             more, rows = len(rows) - (limit - 1), rows[:limit - 1]

@@ -159,6 +159,9 @@ class Tracer(object):
                  ipv4=True, port=None, udp_idle=30.0, tcp_idle=600.0, max_conns=None, obj_path=None,
                  kprobe_method="auto", lport=None, rport=None, raddr=None, comm=None,
                  events=False):
+        # poll(), telemetry(), read_events() and close() one at a time:
+        # close() from another thread (ending a watch()) waits for a poll
+        self._lock = threading.RLock()
         self._coll = None
         self._links = []
         self._ring = None
@@ -304,16 +307,26 @@ class Tracer(object):
         return self._poll(True)
 
     def _poll(self, everything):
-        table = self._table_or_raise()
-        lost = self._coll.maps["telemetry"].lookup(_TELE_DIRTY_LOST)
-        out = table.poll(self._include, int.from_bytes(lost, "little"), everything)
-        if table.expired_udp:
-            self._take_ring()  # what the ring holds happened before the expiry
-            now = time.time()
-            self._pending.extend(events_mod.expired(c, now) for c in table.expired_udp
-                                 if self._include(c))
-            del table.expired_udp[:]
-        return out
+        with self._lock:
+            table = self._table_or_raise()
+            lost = self._coll.maps["telemetry"].lookup(_TELE_DIRTY_LOST)
+            out = table.poll(self._include, int.from_bytes(lost, "little"), everything)
+            if table.expired_udp:
+                self._take_ring()  # what the ring holds happened before the expiry
+                now = time.time()
+                self._pending.extend(events_mod.expired(c, now) for c in table.expired_udp
+                                     if self._include(c))
+                del table.expired_udp[:]
+            return out
+
+    def _poll_open(self, everything):
+        """_poll(), or None where close() came first (from another thread)."""
+        try:
+            return self._poll(everything)
+        except TracerError:
+            if self._coll is None:
+                return None
+            raise
 
     def _take_ring(self):
         raw = self._ring.read()
@@ -335,17 +348,23 @@ class Tracer(object):
     def read_events(self):
         """The events since the previous call, oldest first, without
         waiting: a list of events.Event."""
-        self.events_fd()
-        self._take_ring()
-        out, self._pending = self._pending, []
-        return out
+        with self._lock:
+            self.events_fd()
+            self._take_ring()
+            out, self._pending = self._pending, []
+            return out
 
     def events(self, timeout=None):
         """Yield each event (events.Event) as it happens, until close(), or
         until timeout seconds pass without one (None: no limit)."""
         quiet_since = time.monotonic()
         while self._coll is not None:
-            batch = self.read_events()
+            try:
+                batch = self.read_events()
+            except TracerError:
+                if self._coll is None:  # closed meanwhile
+                    return
+                raise
             for e in batch:
                 yield e
             if batch:
@@ -374,17 +393,23 @@ class Tracer(object):
             try:
                 time.sleep(max(0.0, next_at - time.monotonic()))
             except KeyboardInterrupt:
-                if self._coll is not None:
-                    yield self._poll(everything)
+                got = self._poll_open(everything)
+                if got is not None:
+                    yield got
                 return
-            if self._coll is None:
+            got = self._poll_open(everything)
+            if got is None:
                 return
-            yield self._poll(everything)
+            yield got
             n += 1
             next_at = max(next_at + interval, time.monotonic())
 
     def telemetry(self):
         """Counters: connections tracked, entries lost, poll time, ..."""
+        with self._lock:
+            return self._telemetry()
+
+    def _telemetry(self):
         self._table_or_raise()
         raw = dict(self._coll.maps["telemetry"].items())
         t = {"type": "telemetry", "time": round(time.time(), 3), "backend": self.backend,
@@ -416,6 +441,10 @@ class Tracer(object):
 
     def close(self):
         """Detach every probe and close every fd (idempotent)."""
+        with self._lock:
+            self._close()
+
+    def _close(self):
         # closing a perf event waits for an RCU grace period (~70 ms here):
         # close them side by side, not one after the other
         if self._ring is not None:

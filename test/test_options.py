@@ -474,7 +474,8 @@ def _name(r, names, herds_by_pid, conns):
     k = (r["pid"], r["lport"])
     if k in names:
         return names[k]
-    h = herds_by_pid[r["pid"]]
+    h = herds_by_pid.get(r["pid"])
+    assert h is not None, "a record of neither process of the scene: %s" % (r,)
     for n, i in conns.items():
         if (h.pid, h.port, n) in names and r["rport"] == h.clients[i]:
             return n + "s"
@@ -840,6 +841,28 @@ def test_watch_yields_count_intervals_of_exact_records(lib_tracer, herds):
         list(t.watch(0.1, 1))
 
 
+def test_close_from_another_thread_ends_watch_cleanly(lib_tracer):
+    """close() while watch() polls as fast as it can in another thread:
+    the iteration ends, nothing reads a closed (or reused) fd."""
+    need_tracepoint_backend()
+    for _ in range(5):
+        t = lib_tracer()
+        errors, polls = [], []
+
+        def run():
+            try:
+                for conns in t.watch(0.0005, everything=True):
+                    polls.append(len(conns))
+            except Exception as e:
+                errors.append(e)
+        th = threading.Thread(target=run)
+        th.start()
+        time.sleep(0.05)
+        t.close()
+        th.join(5)
+        assert not th.is_alive() and errors == [] and polls
+
+
 def test_watch_rejects_a_bad_interval(lib_tracer):
     need_tracepoint_backend()
     t = lib_tracer()
@@ -1110,3 +1133,29 @@ def test_live_empty_interval_and_rows_on_a_terminal(herds):
     assert [int(l.split()[5]) + int(l.split()[6]) for l in f[2:6]] == [40, 40, 30, 30]
     assert f[6] == "+4 more (--rows, or a taller terminal, shows more)"
     assert all(l == "" for l in f[7:])
+
+
+def test_live_view_never_scrolls_its_header_away_whatever_rows_says(herds):
+    """--rows above the terminal's height: a redrawn screen still shows
+    only what fits (else the header scrolls away)."""
+    need_tracepoint_backend()
+    from screen import Terminal
+    herd = herds("tallherd")
+    conns = [herd.open() for _ in range(8)]        # 16 records on a 12-line terminal
+    with Terminal(100, 12, "--interval", "0.3", "--count", "3", "--rows", "50",
+                  "--comm", "tallherd") as term:
+        term.wait_frames(1)
+        for n, i in enumerate(conns):
+            herd.send(i, 10 * (n + 1), 0)
+        assert term.finish() == 0
+    frames = term.frames()
+    assert len(frames) == 3
+    for f in frames:
+        assert HEADER.match(f[0]) and f[1].split()[:2] == ["PID", "COMM"], f
+    busy = [f for f in frames if any(l.startswith("+") for l in f)]
+    assert busy, frames
+    # 12 lines: header, column header, 8 rows, "+8 more", the cursor's line
+    assert busy[0][10] == "+8 more (--rows, or a taller terminal, shows more)", busy[0]
+    assert [int(l.split()[5]) + int(l.split()[6]) for l in busy[0][2:10]] == \
+        [80, 80, 70, 70, 60, 60, 50, 50]
+
