@@ -384,7 +384,7 @@ print(json.dumps({"pid": os.getpid(), "lport": lport, "tcpi_rtt": rtt}))
 """
 
 
-def rtt_with_netem_delay(backend, delay_ms=10):
+def rtt_with_netem_delay(backend, delay_ms=40):
     """A connection over a veth pair between two network namespaces of its
     own, each end delaying what it sends by delay_ms (netem): its rtt_us is
     within 20% of the imposed round trip (2 * delay_ms) and of TCP_INFO's
