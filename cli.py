@@ -48,7 +48,7 @@ Backends (--backend):
               udp_sendmsg, skb_consume_udp, ... (kprobe PMU, else tracefs
               kprobe_events with unique names removed on exit; kretprobes
               through tracefs with a large maxactive) and the tcp
-              tracepoints.  Any kernel with CONFIG_KPROBES.
+              tracepoints.  Linux 5.8+ with CONFIG_KPROBES.
   auto        (default) tracepoint where the kernel has it, else kprobe; the
               first line of the output and --check say which and why.
 
@@ -69,7 +69,7 @@ bytes and state closed.  Idle UDP flows expire after --udp-idle seconds,
 TCP records idle for --tcp-idle.  --pid, --tcp/--udp, -4/-6 and a single
 port are applied in the kernel: filtered-out traffic creates no entry.
 
-Requirements: Linux with BPF (x86_64), CAP_BPF and CAP_PERFMON (or
+Requirements: Linux 5.8 or newer with BPF (x86_64), CAP_BPF and CAP_PERFMON (or
 CAP_SYS_ADMIN; in practice root, for tracefs and cgroup2), tracefs
 (mounted on demand).  Python 3.6 or newer, standard library only."""
 
