@@ -730,8 +730,10 @@ class Output(object):
         sent = sum(c.sent_delta for c in conns)
         recv = sum(c.recv_delta for c in conns)
         if self.procs is not None:
-            what = "%d processes, %d connections" % (
-                len(set(c.pid for c in conns)), sum(1 for c in conns if c.state == "open"))
+            procs = len(set(c.pid for c in conns))
+            opened = sum(1 for c in conns if c.state == "open")
+            what = "%d process%s, %d connection%s" % (procs, "" if procs == 1 else "es",
+                                                     opened, "" if opened == 1 else "s")
         else:  # tracked: in the kernel's tables at this poll, those closing now included
             what = "%d active, %d tracked" % (
                 len(conns), tele["tracked"] + sum(1 for c in conns if c.state == "closed"))

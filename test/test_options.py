@@ -33,7 +33,7 @@ import tracer
 
 pytestmark = pytest.mark.root
 
-HEADER = re.compile(r"^\d\d:\d\d:\d\d( \(final\))?  \d+ (active|processes), ")
+HEADER = re.compile(r"^\d\d:\d\d:\d\d( \(final\))?  \d+ (active|process|processes), ")
 CONN_HEAD = "PID COMM PROTO LADDR:LPORT RADDR:RPORT TX RX TXTOT RXTOT DUR STATE"
 PROC_HEAD = "PID COMM CONNS TCP UDP TX RX TXTOT RXTOT"
 WIDE = {"COLUMNS": "200", "LINES": "50"}

@@ -12,7 +12,7 @@ from conftest import need_tracepoint_backend
 from screen import Fleet, Terminal
 import cli
 
-HEADER = re.compile(r"^\d\d:\d\d:\d\d( \(final\))?  \d+ (active|processes), ")
+HEADER = re.compile(r"^\d\d:\d\d:\d\d( \(final\))?  \d+ (active|process|processes), ")
 
 pytestmark = pytest.mark.root
 
