@@ -17,8 +17,11 @@ HEADER = re.compile(r"^\d\d:\d\d:\d\d( \(final\))?  \d+ (active|process|processe
 pytestmark = pytest.mark.root
 
 
-def _rows(frame, comm):
-    return [l.split() for l in frame if len(l.split()) > 2 and l.split()[1] == comm]
+def _rows(frame, comm, pid=None):
+    """The rows of processes named comm (and of pid, where given: a test
+    run elsewhere on the machine may use the same name)."""
+    return [l.split() for l in frame if len(l.split()) > 2 and l.split()[1] == comm
+            and (pid is None or l.split()[0] == str(pid))]
 
 
 def _assert_screen_sane(term, frames):
@@ -32,13 +35,16 @@ def _assert_screen_sane(term, frames):
     assert b"Traceback" not in term.raw
 
 
-def _traffic_frame(frames, comm, n):
-    """The first frame showing all n connections' clients of comm."""
+def _traffic_frame(frames, comm, n, pid=None):
+    """The first frame showing the bytes of comm's n sockets (all of them,
+    or as many as fit above a "+N more" line)."""
     for f in frames:
-        if len(_rows(f, comm)) >= n or any(l.startswith("+") for l in f):
-            if _rows(f, comm):
-                return f
-    raise AssertionError("no frame shows the traffic of %s: %s" % (comm, frames[-1]))
+        head = f[1].split()
+        moved = [r for r in _rows(f, comm, pid) if len(r) == len(head) and
+                 (r[head.index("TX")], r[head.index("RX")]) != ("0", "0")]
+        if moved and (len(moved) >= n or any(l.startswith("+") for l in f)):
+            return f
+    raise AssertionError("no frame shows the traffic of %s: %s" % (comm, frames))
 
 
 def test_80x24_redraws_caps_rows_with_more_line_and_keeps_addresses_whole():
@@ -47,20 +53,21 @@ def test_80x24_redraws_caps_rows_with_more_line_and_keeps_addresses_whole():
         term.wait_for("Ctrl-C to end")
         fleet = Fleet("fleet80", 30)     # 60 sockets: 30 clients, 30 server sides
         try:
+            term.wait_frames(1)  # just after a redraw: the traffic falls in one interval
             fleet.send(1000)
             assert term.finish() == 0
         finally:
             fleet.close()
     frames = term.frames()
     _assert_screen_sane(term, frames)
-    f = _traffic_frame(frames, "fleet80", 60)
+    f = _traffic_frame(frames, "fleet80", 60, fleet.pid)
     # 24 lines: header, column header, 20 rows, "+N more", the cursor's line
     active = int(f[0].split()[1] if "(final)" not in f[0] else f[0].split()[3])
     assert active >= 60
     assert all(len(l.split()) >= 7 for l in f[2:22]), f
     assert f[22] == "+%d more (--rows, or a taller terminal, shows more)" % (active - 20), f
     assert f[23] == ""
-    rows = _rows(f, "fleet80")
+    rows = _rows(f, "fleet80", fleet.pid)
     # the biggest first: client 30 sent 30000 bytes, its server side read them
     top = rows[:2]
     assert [r[0] for r in top] == [str(fleet.pid)] * 2
@@ -82,18 +89,19 @@ def test_200x50_shows_every_column_and_exact_small_counts():
         term.wait_for("Ctrl-C to end")
         fleet = Fleet("fleet200", 5)
         try:
+            term.wait_frames(1)  # just after a redraw: the traffic falls in one interval
             fleet.send(100)   # client i sends (i + 1) * 100 bytes: all below 1024, exact
             assert term.finish() == 0
         finally:
             fleet.close()
     frames = term.frames()
     _assert_screen_sane(term, frames)
-    f = _traffic_frame(frames, "fleet200", 10)
+    f = _traffic_frame(frames, "fleet200", 10, fleet.pid)
     # (and FAIL, when some connection on the host failed in that interval)
     assert f[1].split()[:11] == ["PID", "COMM", "PROTO", "LADDR:LPORT", "RADDR:RPORT", "TX", "RX",
                                  "TXTOT", "RXTOT", "DUR", "STATE"]
     assert f[1].split()[11:] in ([], ["FAIL"])
-    rows = _rows(f, "fleet200")
+    rows = _rows(f, "fleet200", fleet.pid)
     got = sorted((r[3], r[4], r[5], r[6], r[7], r[8], r[10]) for r in rows)
     want = []
     for i, cport in enumerate(fleet.clients):
@@ -115,15 +123,16 @@ def test_ipv6_in_brackets_never_cut_at_80_columns(long_v6):
         term.wait_for("Ctrl-C to end")
         fleet = Fleet("fleet6", 2, addr=long_v6)
         try:
+            term.wait_frames(1)  # just after a redraw: the traffic falls in one interval
             fleet.send(10)
             assert term.finish() == 0
         finally:
             fleet.close()
     frames = term.frames()
     _assert_screen_sane(term, frames)
-    f = _traffic_frame(frames, "fleet6", 4)
+    f = _traffic_frame(frames, "fleet6", 4, fleet.pid)
     remote = f[1].split().index("RADDR:RPORT")
-    ends = set(r[remote] for r in _rows(f, "fleet6"))
+    ends = set(r[remote] for r in _rows(f, "fleet6", fleet.pid))
     assert ends == set("[%s]:%d" % (long_v6, p) for p in fleet.clients + [fleet.port])
 
 
@@ -133,6 +142,7 @@ def test_by_process_screen_counts_connections_and_bytes():
         term.wait_for("Ctrl-C to end")
         fleet = Fleet("fleetP", 4)
         try:
+            term.wait_frames(1)  # just after a redraw: the traffic falls in one interval
             fleet.send(100)     # 100+200+300+400 = 1000 bytes each way
             term.wait_frames(2)
             fleet.send(10)      # 100 more
@@ -143,12 +153,12 @@ def test_by_process_screen_counts_connections_and_bytes():
     _assert_screen_sane(term, frames)
     assert frames[-1][1].split() == ["PID", "COMM", "CONNS", "TCP", "UDP", "TX", "RX",
                                      "TXTOT", "RXTOT"]
-    last = _rows(frames[-1], "fleetP")
+    last = _rows(frames[-1], "fleetP", fleet.pid)
     assert [r[:5] + r[7:] for r in last] == [[str(fleet.pid), "fleetP", "8", "8", "0", "1.1K",
                                               "1.1K"]]
     # the per-interval columns add up to the totals
     tx = sum(int(r[5]) if r[5].isdigit() else 1024 * float(r[5][:-1])
-             for f in frames for r in _rows(f, "fleetP"))
+             for f in frames for r in _rows(f, "fleetP", fleet.pid))
     assert 1100 - 60 < tx <= 1100 + 60  # 1.1K is rounded; the sum of exact intervals
 
 
