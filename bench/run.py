@@ -260,10 +260,12 @@ class Holder(object):
         return "".join(self.lines)
 
 
-def hold_tracer(backend="auto", cpu=None, poll_interval=1.0, timeout=180, pid=None):
+def hold_tracer(backend="auto", cpu=None, poll_interval=1.0, timeout=180, pid=None,
+                events=False):
     return Holder("tracer(%s)" % backend,
                   [PY, os.path.join(HERE, "run.py"), "--hold", "tracer", "--backend", backend,
-                   "--poll-interval", str(poll_interval)] + (["--pid", str(pid)] if pid else []),
+                   "--poll-interval", str(poll_interval)] + (["--pid", str(pid)] if pid else [])
+                  + (["--events"] if events else []),
                   cpu=cpu, ready_timeout=timeout)
 
 
@@ -356,11 +358,15 @@ def hold_main(args):
     """--hold: attach, say ready, poll (tracer) until stdin closes."""
     if args.hold == "tracer":
         import tracer
-        t = tracer.Tracer(backend=args.backend, pid=args.pid)
+        t = tracer.Tracer(backend=args.backend, pid=args.pid, events=args.events)
         t.poll()
         print("ready backend=%s ready_seconds=%.4f" % (t.backend, t.ready_seconds), flush=True)
         closer = t.close
-        poll = t.poll
+
+        def poll():
+            t.poll()
+            if args.events:  # as --events does: take what the ring buffer holds
+                t.read_events()
     else:
         if args.hold == "counter":
             links, progs = attach_counter()
@@ -544,6 +550,7 @@ def bench_hotpath(a, res, exe):
         ("bpftrace tcptop-like", lambda: hold_bpftrace(BPFTRACE_TCPTOP, cpu=hold_cpu)),
         ("per-socket counter", lambda: hold_counter(cpu=hold_cpu)),
         ("tracer, filtered out", lambda: hold_tracer("tracepoint", cpu=hold_cpu, pid=1)),
+        ("tracer with --events", lambda: hold_tracer("tracepoint", cpu=hold_cpu, events=True)),
         ("do-nothing floor", lambda: hold_floor("tracepoint", cpu=hold_cpu)),
     ]
     if a.baseline:
@@ -932,6 +939,7 @@ def main(argv=None):
                          "tree) in the hot-path rounds, side by side")
     ap.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--poll-child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
