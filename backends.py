@@ -15,32 +15,33 @@ kretprobe that can be missed; else kprobe.  choose() says which and why.
 import errno
 import os
 
+import abi
 import bpfsys
 import offsetguess
 
-# tp_fields map slots (TPF_* in tracer.bpf.h): (category, event, field)
+# tp_fields map slots (abi.TPF_*): the perf tracepoint field whose offset each holds
 TP_FIELDS = {
-    0: ("sock", "inet_sock_set_state", "skaddr"),
-    1: ("sock", "inet_sock_set_state", "newstate"),
-    2: ("sock", "inet_sock_set_state", "sport"),
-    3: ("sock", "inet_sock_set_state", "dport"),
-    4: ("sock", "inet_sock_set_state", "family"),
-    5: ("sock", "inet_sock_set_state", "protocol"),
-    6: ("sock", "inet_sock_set_state", "saddr"),
-    7: ("sock", "inet_sock_set_state", "daddr"),
-    8: ("sock", "inet_sock_set_state", "saddr_v6"),
-    9: ("sock", "inet_sock_set_state", "daddr_v6"),
-    10: ("syscalls", "sys_enter_sendto", "addr"),
-    11: ("syscalls", "sys_enter_sendmsg", "msg"),
-    12: ("syscalls", "sys_enter_recvfrom", "addr"),
-    13: ("syscalls", "sys_enter_recvmsg", "msg"),
-    14: ("syscalls", "sys_exit_recvfrom", "ret"),
-    15: ("sock", "sock_send_length", "sk"),
-    16: ("sock", "sock_send_length", "ret"),
-    17: ("sock", "sock_send_length", "flags"),
-    18: ("tcp", "tcp_retransmit_skb", "skaddr"),
-    19: ("tcp", "tcp_retransmit_skb", "skbaddr"),
-    20: ("sock", "inet_sock_set_state", "oldstate"),
+    abi.TPF_ISS_SKADDR: ("sock", "inet_sock_set_state", "skaddr"),
+    abi.TPF_ISS_NEWSTATE: ("sock", "inet_sock_set_state", "newstate"),
+    abi.TPF_ISS_SPORT: ("sock", "inet_sock_set_state", "sport"),
+    abi.TPF_ISS_DPORT: ("sock", "inet_sock_set_state", "dport"),
+    abi.TPF_ISS_FAMILY: ("sock", "inet_sock_set_state", "family"),
+    abi.TPF_ISS_PROTOCOL: ("sock", "inet_sock_set_state", "protocol"),
+    abi.TPF_ISS_SADDR: ("sock", "inet_sock_set_state", "saddr"),
+    abi.TPF_ISS_DADDR: ("sock", "inet_sock_set_state", "daddr"),
+    abi.TPF_ISS_SADDR_V6: ("sock", "inet_sock_set_state", "saddr_v6"),
+    abi.TPF_ISS_DADDR_V6: ("sock", "inet_sock_set_state", "daddr_v6"),
+    abi.TPF_SENDTO_ADDR: ("syscalls", "sys_enter_sendto", "addr"),
+    abi.TPF_SENDMSG_MSG: ("syscalls", "sys_enter_sendmsg", "msg"),
+    abi.TPF_RECVFROM_ADDR: ("syscalls", "sys_enter_recvfrom", "addr"),
+    abi.TPF_RECVMSG_MSG: ("syscalls", "sys_enter_recvmsg", "msg"),
+    abi.TPF_SYSEXIT_RET: ("syscalls", "sys_exit_recvfrom", "ret"),
+    abi.TPF_SSL_SK: ("sock", "sock_send_length", "sk"),
+    abi.TPF_SSL_RET: ("sock", "sock_send_length", "ret"),
+    abi.TPF_SSL_FLAGS: ("sock", "sock_send_length", "flags"),
+    abi.TPF_RETRANS_SKADDR: ("tcp", "tcp_retransmit_skb", "skaddr"),
+    abi.TPF_RETRANS_SKBADDR: ("tcp", "tcp_retransmit_skb", "skbaddr"),
+    abi.TPF_ISS_OLDSTATE: ("sock", "inet_sock_set_state", "oldstate"),
 }
 
 # (program, attach kind, target, needed for: "tcp", "udp" or "both")

@@ -152,7 +152,7 @@ INLINE void tele_addn(__u32 idx, __u64 n)
 INLINE void kread(void *dst, __u32 size, const void *src)
 {
 	if (bpf_probe_read_kernel(dst, size, src))
-		tele_add(TELE_READ_FAULT);
+		tele_add(TELE_READ_FAULTS);
 }
 
 /* The process's name: its main thread's comm, when the task_struct offsets
@@ -239,7 +239,7 @@ INLINE int read_tuple_block(const void *sk, struct offsets *o, struct conn_tuple
 	unsigned long net;
 
 	if (!b || bpf_probe_read_kernel(b, SKC_BLOCK, sk)) {
-		tele_add(TELE_READ_FAULT);
+		tele_add(TELE_READ_FAULTS);
 		return -1;
 	}
 	__builtin_memcpy(&family, b + (o->family & (SKC_BLOCK - 1)), 2);

@@ -29,7 +29,7 @@ import elfload
 import events as events_mod
 import offsetguess
 
-_TELE_DIRTY_LOST = conntrack.TELEMETRY_NAMES.index("dirty_lost").to_bytes(4, "little")
+_TELE_DIRTY_LOST = abi.TELE_DIRTY_LOST.to_bytes(4, "little")
 OBJECT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tracer.bpf.o")
 
 
@@ -235,9 +235,9 @@ class Tracer(object):
             raise TracerError("offset guessing failed: %s" % e)
         # the filters, applied in the kernel: filtered-out traffic creates no entry
         self.offsets.filters = {
-            "want": ((offsetguess.WANT_TCP if self.tcp else 0) | (offsetguess.WANT_UDP if self.udp else 0)
-                     | (offsetguess.WANT_V4 if self.ipv4 else 0) | (offsetguess.WANT_V6 if self.ipv6 else 0)
-                     | (offsetguess.WANT_EVENTS if self.events_enabled else 0)),
+            "want": ((abi.WANT_TCP if self.tcp else 0) | (abi.WANT_UDP if self.udp else 0)
+                     | (abi.WANT_V4 if self.ipv4 else 0) | (abi.WANT_V6 if self.ipv6 else 0)
+                     | (abi.WANT_EVENTS if self.events_enabled else 0)),
             "pid_filter": self.pid or 0, "port_filter": self._kernel_port()}
         self._coll.maps["offsets"].update(b"\0\0\0\0", self.offsets.pack())
         try:
@@ -390,7 +390,7 @@ class Tracer(object):
         t = {"type": "telemetry", "time": round(time.time(), 3), "backend": self.backend,
              "tracked": self._table.tracked, "expired": self._table.expired,
              "poll_seconds": round(self._table.last_poll_seconds, 6)}
-        for i, name in enumerate(conntrack.TELEMETRY_NAMES):
+        for i, name in enumerate(abi.TELEMETRY_NAMES):
             if not name.startswith("_"):
                 v = raw.get(i.to_bytes(4, "little"))
                 t[name] = int.from_bytes(v, "little") if v else 0

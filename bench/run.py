@@ -565,6 +565,7 @@ def poll_child(sizes):
     """In a child: fill the socks map with synthetic TCP connections (each
     socket's life and its owner's counters, as the kernel keeps them) and
     time reads and polls; prints one JSON object."""
+    import abi
     import conntrack
     import tracer
     t = tracer.Tracer(max_conns=max(sizes) * 2)
@@ -577,13 +578,15 @@ def poll_child(sizes):
 
     def key(i):
         daddr = bytes([127, 1 + (i >> 16) % 200, (i >> 8) & 255, i & 255]).ljust(16, b"\0")
-        return conntrack.CONN_TUPLE.pack(b"\x7f\0\0\x01".ljust(16, b"\0"), daddr, 4026531840,
-                                         0x7ff00000, 40000 + i % 20000, 443, 4, 6, 0, i + 1)
+        return abi.CONN_TUPLE.pack(saddr=b"\x7f\0\0\x01", daddr=daddr, netns=4026531840,
+                                   pid=0x7ff00000, sport=40000 + i % 20000, dport=443, family=4,
+                                   proto=abi.TRACER_PROTO_TCP, life=i + 1)
 
     def value(i, extra=0):
-        stats = conntrack.CONN_STATS.pack(1000 + i + extra, 2000 + i, now_ns, now_ns, 0, 1, 1, 1,
-                                          0, comm, 0, 0)
-        return conntrack.SOCK_INFO.pack(key(i), 1, stats, b"\0" * 12, 0)
+        stats = abi.CONN_STATS.pack(sent_bytes=1000 + i + extra, recv_bytes=2000 + i,
+                                    first_ns=now_ns, last_ns=now_ns, direction=abi.DIR_OUTGOING,
+                                    state=abi.CONN_OPEN, seen_start=1, comm=comm)
+        return abi.SOCK_INFO.pack(tuple=key(i), has_tuple=1, stats=stats)
 
     def timed(fn, n=3):
         xs = []

@@ -15,11 +15,8 @@ import pytest
 
 import abi
 import backends
-import conntrack
 import elfload
-import offsetguess
 from test_elfload import Elf, patched
-from test_layout import assert_mirrors, c_layout  # noqa: F401 (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJ = os.path.join(ROOT, "tracer.bpf.o")
@@ -65,27 +62,21 @@ def test_the_checked_in_object_has_everything_the_tracer_needs(data):
 
 def test_map_sizes_come_from_the_python_mirrors():
     m = abi.MAPS_BY_NAME
-    assert (m["conns"].key_size, m["conns"].value_size) == (conntrack.CONN_TUPLE.size,
-                                                            conntrack.CONN_STATS.size)
-    assert m["socks"].value_size == conntrack.SOCK_INFO.size
-    assert m["offsets"].value_size == offsetguess.OFFSETS.size
-    assert m["guess_req"].value_size == offsetguess.GUESS_REQ.size
-    assert m["telemetry"].max_entries == len(conntrack.TELEMETRY_NAMES)
+    assert (m["conns"].key_size, m["conns"].value_size) == (abi.CONN_TUPLE.size,
+                                                            abi.CONN_STATS.size) == (52, 72)
+    assert m["socks"].value_size == abi.SOCK_INFO.size == 144
+    assert m["offsets"].value_size == abi.OFFSETS.size == 108
+    assert m["guess_req"].value_size == abi.GUESS_REQ.size == 24
+    assert m["guess_dump"].value_size == abi.GUESS_DUMP.size == 4120
+    assert m["telemetry"].max_entries == len(abi.TELEMETRY_NAMES) == 13
     assert max(backends.TP_FIELDS) < m["tp_fields"].max_entries
-    assert m["skc_copy"].value_size == offsetguess.SKC_BLOCK + 16
+    assert m["skc_copy"].value_size == abi.SKC_BLOCK + 16
     assert [n for n in abi.MAPS_BY_NAME if not abi.MAPS_BY_NAME[n].required] == [
         "test_counts", "test_bytes"]
 
 
-def test_stash_and_peer_mirror_the_c_structs(c_layout):  # noqa: F811
-    assert_mirrors(c_layout, "peer", abi.PEER)
-    assert_mirrors(c_layout, "stash", abi.STASH)
-    assert (abi.TELE_MAX, abi.TPF_MAX) == (c_layout["TELE_MAX"], c_layout["TPF_MAX"])
-    assert abi.GUESS_DUMP_SIZE == c_layout["guess_dump"]
-
-
 def test_programs_are_every_variant_of_the_backends_tables():
-    p = abi.PROGRAMS
+    p = abi.all_programs()
     assert p["kp_tcp_recvmsg"] == p["kp_tcp_recvmsg_pre_5_19"] == ("kprobe", "tcp_recvmsg")
     assert p["tp_tcp_retransmit_skb"] == p["tp_tcp_retransmit_skb_err"] == (
         "raw_tracepoint", "tcp_retransmit_skb")
@@ -110,7 +101,7 @@ def test_programs_to_load_are_the_plan_and_the_guess_programs():
         "guess_inet_sock_set_state"]
     fallbacks = [alt for alt, _ in backends.PERF_FALLBACK.values()] + \
         [p for p, _, _ in backends.SYSCALL_FALLBACK]
-    assert set(names + fallbacks) <= set(abi.PROGRAMS)
+    assert set(names + fallbacks) <= set(abi.all_programs())
 
 
 def test_max_conns_resizes_the_connection_tables():
@@ -138,8 +129,8 @@ def test_a_telemetry_map_with_fewer_entries(data):
 
 
 # the sizes as the mirrors say today (tracer.bpf.h grows)
-TUPLE, STATS, SOCK_INFO = conntrack.CONN_TUPLE.size, conntrack.CONN_STATS.size, conntrack.SOCK_INFO.size
-OFFSETS, TELE_MAX = offsetguess.OFFSETS.size, len(conntrack.TELEMETRY_NAMES)
+TUPLE, STATS, SOCK_INFO = abi.CONN_TUPLE.size, abi.CONN_STATS.size, abi.SOCK_INFO.size
+OFFSETS, TELE_MAX = abi.OFFSETS.size, abi.TELE_MAX
 WRONG_MAPS = [  # gap 6: these loaded and ran, exit 0
     ("conns", "type", 9, "map 'conns': type LRU_HASH, expected HASH"),
     ("conns", "max_entries", 4, "map 'conns': 4 entries, expected 65536"),
@@ -162,7 +153,7 @@ WRONG_MAPS = [  # gap 6: these loaded and ran, exit 0
      "map 'offsets': value %d bytes, expected %d (struct offsets)" % (OFFSETS - 4, OFFSETS)),
     ("tp_fields", "max_entries", 4, "map 'tp_fields': 4 entries, expected %d" % abi.TPF_MAX),
     ("guess_dump", "value_size", 4096,
-     "map 'guess_dump': value 4096 bytes, expected %d (struct guess_dump)" % abi.GUESS_DUMP_SIZE),
+     "map 'guess_dump': value 4096 bytes, expected %d (struct guess_dump)" % abi.GUESS_DUMP.size),
     ("guess_req", "flags", 1, "map 'guess_req': flags 0x1, expected 0x0"),
     ("life_seq", "type", 200, "map 'life_seq': type 200, expected ARRAY"),
     ("test_bytes", "value_size", 4, "map 'test_bytes': value 4 bytes, expected 8 (__u64)"),
