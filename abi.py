@@ -9,8 +9,8 @@ struct, field and constant below against it.
 
 It also says what tracer.bpf.o must hold for this Python side to use it:
 the maps (MAPS: type, key and value size, entries, flags) and the programs
-the tracer loads from it (all_programs(): kind and target, from the backends'
-registry and the object's sections).  Entry counts are the object's built
+the tracer loads from it (all_programs(): the names backends.REGISTRY
+wants; their kind and target are their sections).  Entry counts are the object's built
 values, and max_conns resizes the connection tables when they are created
 (RESIZED_BY_MAX_CONNS).
 
@@ -19,12 +19,12 @@ before anything touches the kernel, and raises elfload.ObjectError naming
 the first difference in one line, e.g.
     tracer.bpf.o: map 'conns': type LRU_HASH, expected HASH
 
-Imports only the standard library at module level: every other module of
-the tracer imports this one.
+Imports no module of the tracer but elfload (which imports only bpfsys) at
+module level: the others import this one.
 """
 
 import collections
-import itertools
+import os
 import struct
 
 import elfload
@@ -252,6 +252,7 @@ PER_THREAD_ENTRIES = 16384  # stash, skip_socks, udp_next
 SYNACK_ENTRIES = 4096
 EVENTS_BYTES = 1 << 20  # the events ring buffer as built; one page when events are off
 EVENTS_OFF_BYTES = 4096
+OBJECT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tracer.bpf.o")
 LICENSE = "GPL"  # the programs call GPL-only helpers (bpf_probe_read_kernel, ...)
 
 MapABI = collections.namedtuple("MapABI", "name map_type key_size value_size max_entries flags "
@@ -302,33 +303,19 @@ MAPS_BY_NAME = collections.OrderedDict((m.name, m) for m in MAPS)
 RESIZED_BY_MAX_CONNS = collections.OrderedDict([("conns", 1), ("socks", 1), ("dirty", 2)])
 MAX_CONNS_LIMIT = ((1 << 32) - 1) // max(RESIZED_BY_MAX_CONNS.values())
 
-# the placeholders of backends' program names, and every value plan() gives them
-_NAME_VARIANTS = collections.OrderedDict([("recv", ("", "_pre_5_19")), ("err", ("", "_err"))])
-
-
-def _variants(name):
-    names = []
-    for values in itertools.product(*_NAME_VARIANTS.values()):
-        n = name.rstrip("?").format(**dict(zip(_NAME_VARIANTS, values)))
-        if n not in names:
-            names.append(n)
-    return names
+# the kind a program's name prefix promises (tracer.bpf.c's naming rule)
+PROGRAM_PREFIXES = (("kp_", ("kprobe",)), ("krp_", ("kretprobe",)), ("tpp_", ("tracepoint",)),
+                    ("tp_", ("raw_tracepoint", "tracepoint")), ("cg_", ("cgroup",)))
 
 
 def all_programs():
-    """{program: (kind, target)} of every program the tracer may load."""
+    """Names of every program the tracer may load: each backend's (every
+    variant, fallback and guess program), from backends.REGISTRY."""
     import backends  # backends imports abi
-    out = collections.OrderedDict()
-    rows = [(p, k, t) for p, k, t, _ in backends.TRACEPOINT_PROGRAMS]
-    rows += [(p, k, t) for p, k, t, _ in backends.KPROBE_PROGRAMS]
-    rows += list(backends.SYSCALL_FALLBACK)
-    rows += [(alt, "tracepoint", t) for alt, t in backends.PERF_FALLBACK.values()]
-    for backend in sorted(backends.GUESS_PROGRAMS):
-        rows += list(backends.GUESS_PROGRAMS[backend])
-    for prog, kind, target in rows:
-        for name in _variants(prog):
-            out.setdefault(name, (kind, target.rstrip("?")))
-    return out
+    names = []
+    for b in backends.REGISTRY:
+        names.extend(n for n in b.every_program() if n not in names)
+    return names
 
 
 def programs_to_load(backend, plan):
@@ -338,7 +325,7 @@ def programs_to_load(backend, plan):
     loaded only when needed: their verification would cost startup time
     that almost no kernel needs (check_object has made sure they exist)."""
     import backends
-    return [p for p, _, _ in plan] + [p for p, _, _ in backends.GUESS_PROGRAMS[backend]]
+    return [p for p, _, _ in plan] + list(backends.get(backend).guess)
 
 
 def map_entries(max_conns, events=True):
@@ -369,9 +356,9 @@ def _shape(m):
 def check_object(spec, programs=None):
     """Raise elfload.ObjectError naming the first way spec differs from
     what the tracer needs: a map missing, unknown, or of another type, key
-    size, value size, entry count or flags; a program missing or with another
-    kind or target; a license that is not GPL.  programs: the names to
-    check (every one in PROGRAMS when None).  Returns None."""
+    size, value size, entry count or flags; a program missing or in a section
+    of another kind than its name's prefix says; a license that is not GPL.
+    programs: the names to check (all_programs() when None).  Returns None."""
     def bad(msg):
         return elfload.ObjectError("%s: %s" % (spec.path, msg))
 
@@ -400,16 +387,14 @@ def check_object(spec, programs=None):
             # load() would make it in the kernel, with whatever shape it has
             raise bad("map %r is unknown to this tracer (its maps: %s)" % (
                 name, ", ".join(MAPS_BY_NAME)))
-    every = all_programs()
-    for name in (every if programs is None else programs):
+    for name in (all_programs() if programs is None else programs):
         got = spec.programs.get(name)
-        want = every.get(name)
         if got is None:
-            raise bad("program %r is missing%s" % (
-                name, " (expected in section '%s/%s')" % want if want else ""))
-        if want is not None and (got.kind, got.target) != want:
-            raise bad("program %r: section %r, expected '%s/%s'" % (name, got.section,
-                                                                   want[0], want[1]))
+            raise bad("program %r is missing" % name)
+        kinds = next((k for prefix, k in PROGRAM_PREFIXES if name.startswith(prefix)), None)
+        if kinds is not None and got.kind not in kinds:
+            raise bad("program %r: section %r, expected %s (its name starts with %s)" % (
+                name, got.section, " or ".join("%s/..." % k for k in kinds), name.split("_")[0] + "_"))
     if spec.license != LICENSE:
         raise bad("license %r, expected %r (the programs call GPL-only helpers)" % (
             spec.license, LICENSE))

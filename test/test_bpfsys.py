@@ -539,13 +539,13 @@ def test_attach_all_failing_midway_detaches_what_it_attached(spec, prog, kind, t
     need_tracepoint_backend()
     plan = backends.plan("tracepoint")
     good = plan[:4] + [(p, k, t) for p, k, t in plan[4:] if k == "tracepoint"][:2]
-    names = [p for p, _, _ in plan] + [alt for alt, _ in backends.PERF_FALLBACK.values()] + [prog]
+    names = [p for p, _, _ in plan] + list(backends.PERF_FALLBACK.values()) + [prog]
     before = bpfsys.open_fds()
     coll = spec.load(names)
     try:
         loaded = bpfsys.open_fds()
         with pytest.raises(exc) as info:
-            backends.attach_all(coll, "tracepoint", good + [(prog, kind, target)] + plan[4:])
+            backends.attach_all(coll, good + [(prog, kind, target)] + plan[4:])
         assert message in str(info.value)
         assert bpfsys.open_fds() == loaded  # every link of the good ones closed
         assert bpfsys.our_kprobe_events() == []

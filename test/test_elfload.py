@@ -201,20 +201,13 @@ def test_program_code_is_the_function_symbol_bytes(spec, data):
 
 
 def test_every_program_the_backends_attach_is_in_the_object(spec):
-    for prog, kind, target, _ in backends.TRACEPOINT_PROGRAMS:
-        for variant in set([prog.rstrip("?").format(err=""), prog.rstrip("?").format(err="_err")]):
-            assert (spec.programs[variant].kind, spec.programs[variant].target) == (kind, target)
-    for prog, kind, target in backends.SYSCALL_FALLBACK:
-        assert (spec.programs[prog].kind, spec.programs[prog].target) == (kind, target)
-    for prog, (alt, target) in backends.PERF_FALLBACK.items():
-        assert (spec.programs[alt].kind, spec.programs[alt].target) == ("tracepoint", target)
-    for prog, kind, func, _ in backends.KPROBE_PROGRAMS:
-        for variant in set([prog.format(recv="", err=""), prog.format(recv="_pre_5_19", err="_err")]):
-            assert (spec.programs[variant].kind, spec.programs[variant].target) == (
-                kind, func.rstrip("?")), variant
-    for backend, progs in backends.GUESS_PROGRAMS.items():
-        for prog, kind, target in progs:
-            assert (spec.programs[prog].kind, spec.programs[prog].target) == (kind, target)
+    for name in abi.all_programs():
+        assert name in spec.programs, name
+    for b in backends.REGISTRY:
+        for pattern, _ in b.programs:
+            for name in backends.variants(pattern):
+                assert spec.programs[name].kind in ("kprobe", "kretprobe", "tracepoint",
+                                                    "raw_tracepoint", "cgroup"), name
 
 
 def test_maps_have_exact_types_and_sizes(spec):
