@@ -256,12 +256,12 @@ OBJECT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tracer.b
 LICENSE = "GPL"  # the programs call GPL-only helpers (bpf_probe_read_kernel, ...)
 
 MapABI = collections.namedtuple("MapABI", "name map_type key_size value_size max_entries flags "
-                                          "key_is value_is required")
+                                          "key_is value_is")
 
 
-def _map(name, map_type, key, value, entries, required=True):
+def _map(name, map_type, key, value, entries):
     """key, value: (size, what it is) -- the C type, for messages."""
-    return MapABI(name, map_type, key[0], value[0], entries, 0, key[1], value[1], required)
+    return MapABI(name, map_type, key[0], value[0], entries, 0, key[1], value[1])
 
 
 _TUPLE = (CONN_TUPLE.size, "struct conn_tuple")
@@ -293,9 +293,6 @@ MAPS = (
     _map("guess_req", ARRAY, _INDEX, _struct(GUESS_REQ), 1),
     _map("guess_dump", ARRAY, _INDEX, _struct(GUESS_DUMP), 1),
     _map("events", RINGBUF, (0, "none"), (0, "none"), EVENTS_BYTES),
-    # the self-test programs' maps: checked where the object has them
-    _map("test_counts", ARRAY, _INDEX, _COUNTER, 4, required=False),
-    _map("test_bytes", HASH, (U32, "__u32 pid"), _COUNTER, 1024, required=False),
 )
 MAPS_BY_NAME = collections.OrderedDict((m.name, m) for m in MAPS)
 
@@ -365,9 +362,7 @@ def check_object(spec, programs=None):
     for want in MAPS:
         got = spec.maps.get(want.name)
         if got is None:
-            if want.required:
-                raise bad("map %r is missing (expected %s)" % (want.name, _shape(want)))
-            continue
+            raise bad("map %r is missing (expected %s)" % (want.name, _shape(want)))
         if got.map_type != want.map_type:
             raise bad("map %r: type %s, expected %s" % (
                 want.name, _type_name(got.map_type), _type_name(want.map_type)))

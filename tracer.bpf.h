@@ -226,13 +226,9 @@ struct guess_dump {
 #define TELE_EVENTS 12        /* events pushed */
 #define TELE_MAX 13
 
-/* test_counts map (array of __u64), used only by the self-test programs. */
-#define TEST_CONNECT_ENTRY 0
-#define TEST_CONNECT_RETURN 1
-#define TEST_SEND_CALLS 2
-
 /* tp_fields map (array of __u32): field offsets of perf tracepoints,
- * read by user space from each tracepoint's format file. */
+ * read by user space from each tracepoint's format file.  Python: abi.TPF_*;
+ * backends.TP_FIELDS says which field each slot holds. */
 #define TPF_ISS_SKADDR 0
 #define TPF_ISS_NEWSTATE 1
 #define TPF_ISS_SPORT 2

@@ -24,7 +24,7 @@ import elfload
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(ROOT, "tracer.bpf.h")
 # macros of the header that are not part of the contract with Python
-NOT_ABI = ("TRACER_BPF_H", "TEST_")
+NOT_ABI = ("TRACER_BPF_H",)
 
 
 def _compiler():
