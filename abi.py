@@ -19,15 +19,15 @@ before anything touches the kernel, and raises elfload.ObjectError naming
 the first difference in one line, e.g.
     tracer.bpf.o: map 'conns': type LRU_HASH, expected HASH
 
-Imports no module of the tracer but elfload (which imports only bpfsys) at
-module level: the others import this one.
+Imports no module of the tracer but bpfsys at module level: the others
+(elfload included) import this one.
 """
 
 import collections
 import os
 import struct
 
-import elfload
+import bpfsys
 
 
 class CStruct(object):
@@ -233,8 +233,12 @@ CONN_EVENT = CStruct("conn_event", [
     ("direction", "B"), ("seen_start", "B"), ("sent_bytes", "Q"), ("recv_bytes", "Q"),
     ("first_ns", "Q"), ("retransmits", "I"), ("rtt_us", "I"), ("rtt_var_us", "I"), ("_pad", "I"),
     ("comm", "16s")])
+# struct bpf_map_def: a map's definition in the object's "maps" section (elfload reads it)
+BPF_MAP_DEF = CStruct("bpf_map_def", [
+    ("type", "I"), ("key_size", "I"), ("value_size", "I"), ("max_entries", "I"),
+    ("map_flags", "I")])
 STRUCTS = (CONN_TUPLE, CONN_STATS, SOCK_INFO, PEER, STASH, OFFSETS, GUESS_REQ, GUESS_DUMP,
-           CONN_EVENT)
+           CONN_EVENT, BPF_MAP_DEF)
 
 
 # --- what tracer.bpf.o must hold --------------------------------------------------------------
@@ -244,7 +248,9 @@ MAP_TYPE_NAMES = {0: "UNSPEC", 1: "HASH", 2: "ARRAY", 3: "PROG_ARRAY", 4: "PERF_
                   5: "PERCPU_HASH", 6: "PERCPU_ARRAY", 7: "STACK_TRACE", 8: "CGROUP_ARRAY",
                   9: "LRU_HASH", 10: "LRU_PERCPU_HASH", 11: "LPM_TRIE", 12: "ARRAY_OF_MAPS",
                   13: "HASH_OF_MAPS", 27: "RINGBUF"}
-HASH, ARRAY, PERCPU_ARRAY, LRU_HASH, RINGBUF = 1, 2, 6, 9, 27
+HASH, ARRAY, PERCPU_ARRAY, RINGBUF = (bpfsys.BPF_MAP_TYPE_HASH, bpfsys.BPF_MAP_TYPE_ARRAY,
+                                     bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY, bpfsys.BPF_MAP_TYPE_RINGBUF)
+LRU_HASH = 9  # BPF_MAP_TYPE_LRU_HASH
 
 U32, U64 = 4, 8
 CONN_TABLE_ENTRIES = 65536  # conns, socks and dirty as built (--max-conns changes them at load)
@@ -356,6 +362,8 @@ def check_object(spec, programs=None):
     size, value size, entry count or flags; a program missing or in a section
     of another kind than its name's prefix says; a license that is not GPL.
     programs: the names to check (all_programs() when None).  Returns None."""
+    import elfload  # elfload imports abi
+
     def bad(msg):
         return elfload.ObjectError("%s: %s" % (spec.path, msg))
 

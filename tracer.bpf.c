@@ -12,7 +12,6 @@
  * Built with clang -target bpf and no kernel headers (see Makefile). */
 #include "tracer.bpf.h"
 
-#define SEC(name) __attribute__((section(name), used))
 #define INLINE static inline __attribute__((always_inline))
 
 /* BPF ABI numbers (include/uapi/linux/bpf.h). */
@@ -34,18 +33,6 @@ static long (*bpf_get_current_comm)(void *buf, __u32 size) = (void *)16;
 static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *src) = (void *)112;
 static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *src) = (void *)113;
 static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) = (void *)130;
-
-/* Legacy map definition, read by elfload.py from the "maps" section. */
-struct bpf_map_def {
-	__u32 type;
-	__u32 key_size;
-	__u32 value_size;
-	__u32 max_entries;
-	__u32 map_flags;
-};
-
-#define MAP(name, t, k, v, n) \
-	struct bpf_map_def SEC("maps") name = { .type = t, .key_size = k, .value_size = v, .max_entries = n }
 
 MAP(conns, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(struct conn_stats), 65536);
 MAP(socks, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct sock_info), 65536);

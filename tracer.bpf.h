@@ -12,6 +12,20 @@ typedef unsigned long long __u64;
 typedef int __s32;
 typedef long long __s64;
 
+/* Legacy map definition, read by elfload.py from the "maps" section.
+ * Python: abi.BPF_MAP_DEF. */
+struct bpf_map_def {
+	__u32 type;
+	__u32 key_size;
+	__u32 value_size;
+	__u32 max_entries;
+	__u32 map_flags;
+};
+
+#define SEC(name) __attribute__((section(name), used))
+#define MAP(name, t, k, v, n) \
+	struct bpf_map_def SEC("maps") name = { .type = t, .key_size = k, .value_size = v, .max_entries = n }
+
 #define TRACER_PROTO_TCP 6
 #define TRACER_PROTO_UDP 17
 

@@ -6,8 +6,6 @@
  * Built with clang -target bpf and no kernel headers (see Makefile). */
 #include "../tracer.bpf.h"
 
-#define SEC(name) __attribute__((section(name), used))
-
 /* BPF ABI numbers (include/uapi/linux/bpf.h). */
 #define BPF_MAP_TYPE_HASH 1
 #define BPF_MAP_TYPE_ARRAY 2
@@ -16,18 +14,6 @@
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
 static __u64 (*bpf_get_current_pid_tgid)(void) = (void *)14;
-
-/* Legacy map definition, read by elfload.py from the "maps" section. */
-struct bpf_map_def {
-	__u32 type;
-	__u32 key_size;
-	__u32 value_size;
-	__u32 max_entries;
-	__u32 map_flags;
-};
-
-#define MAP(name, t, k, v, n) \
-	struct bpf_map_def SEC("maps") name = { .type = t, .key_size = k, .value_size = v, .max_entries = n }
 
 /* test_counts slots */
 #define TEST_CONNECT_ENTRY 0
