@@ -28,6 +28,7 @@ _SOCK_ID = 8              # the length of a socks entry's id: its struct sock ad
 _NO_SOCK = bytes(8)       # dirty map value of a record in conns
 _ZERO32 = bytes(4)        # has_tuple or pid 0
 _TCP, _UDP, _CLOSED = abi.TRACER_PROTO_TCP, abi.TRACER_PROTO_UDP, abi.CONN_CLOSED
+_DIRECTIONS, _ENDS = abi.DIRECTIONS, abi.ENDS
 FAILED_CONNECT = ("refused", "connect_timeout", "unreachable")
 
 FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "raddr", "rport",
@@ -100,7 +101,15 @@ class Conn(object):
             self.sent_bytes, self.recv_bytes, self.state)
 
 
-_unpack_stats = abi.CONN_STATS.unpack
+# conn_stats and conn_tuple decoded by field name, at C speed (the poll's hot loop)
+_unpack_stats = abi.CONN_STATS.struct.unpack
+_record_fields = abi.CONN_STATS.getter(
+    "sent_bytes", "recv_bytes", "retransmits", "state", "direction", "seen_start", "end", "comm",
+    "first_ns", "last_ns", "rtt_us", "rtt_var_us")
+_counters = abi.CONN_STATS.getter("sent_bytes", "recv_bytes", "retransmits", "state")
+_unpack_tuple = abi.CONN_TUPLE.struct.unpack
+_tuple_fields = abi.CONN_TUPLE.getter(
+    "saddr", "daddr", "netns", "pid", "sport", "dport", "family", "proto", "life")
 
 
 def format_endpoint(addr, port):
@@ -109,15 +118,15 @@ def format_endpoint(addr, port):
 
 
 def decode_tuple(key):
-    t = abi.CONN_TUPLE.unpack(key)
-    if t.family == 4:
-        laddr = socket.inet_ntop(socket.AF_INET, t.saddr[:4])
-        raddr = socket.inet_ntop(socket.AF_INET, t.daddr[:4])
+    saddr, daddr, netns, pid, sport, dport, family, proto, life = _tuple_fields(_unpack_tuple(key))
+    if family == 4:
+        laddr = socket.inet_ntop(socket.AF_INET, saddr[:4])
+        raddr = socket.inet_ntop(socket.AF_INET, daddr[:4])
     else:
-        laddr = socket.inet_ntop(socket.AF_INET6, t.saddr)
-        raddr = socket.inet_ntop(socket.AF_INET6, t.daddr)
-    return ConnKey(abi.PROTO_NAMES.get(t.proto, str(t.proto)), t.family, t.pid, laddr, t.sport,
-                   raddr, t.dport, t.netns, t.life)
+        laddr = socket.inet_ntop(socket.AF_INET6, saddr)
+        raddr = socket.inet_ntop(socket.AF_INET6, daddr)
+    return ConnKey(abi.PROTO_NAMES.get(proto, str(proto)), family, pid, laddr, sport, raddr, dport,
+                   netns, life)
 
 
 def monotonic_ns():
@@ -312,12 +321,11 @@ class ConnTable(object):
         moved (unless unchanged: then it is reported anyway, with deltas 0).
         start, now_ns: the poll's wall clock and monotonic time (the
         kernel's clock)."""
-        s = _unpack_stats(value)
-        sent, recv, retr, state = s.sent_bytes, s.recv_bytes, s.retransmits, s.state
+        (sent, recv, retr, state, direction, seen_start, end, comm, first_ns, last_ns, rtt,
+         rtt_var) = _record_fields(_unpack_stats(value))
         if old is not None:
-            o = _unpack_stats(old)
-            o_sent, o_recv, o_retr = o.sent_bytes, o.recv_bytes, o.retransmits
-            if (o_sent, o_recv, o_retr, o.state) == (sent, recv, retr, state) and not unchanged:
+            o_sent, o_recv, o_retr, o_state = _counters(_unpack_stats(old))
+            if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state) and not unchanged:
                 return None
         else:
             o_sent = o_recv = o_retr = 0
@@ -331,24 +339,23 @@ class ConnTable(object):
         c.retrans_delta = retr - o_retr
         c.type = "conn"
         c.time = round(start, 3)
-        c.comm = s.comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+        c.comm = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
         c.sent_bytes, c.recv_bytes, c.retransmits = sent, recv, retr
         c.sent_delta = sent - o_sent
         c.recv_delta = recv - o_recv
         c.state = "closed" if state == _CLOSED else "open"
-        c.direction = abi.DIRECTIONS.get(s.direction, "unknown")
+        c.direction = _DIRECTIONS.get(direction, "unknown")
         c.first_seen = old is None
-        if s.seen_start:  # the tracer saw the connection start (connect or accept)
-            first_ns = s.first_ns
+        if seen_start:  # the tracer saw the connection start (connect or accept)
             c.start_time = round(start - (now_ns - first_ns) / 1e9, 3)
-            c.duration = round(max(0, (s.last_ns if state == _CLOSED else now_ns) - first_ns) / 1e9, 3)
+            c.duration = round(max(0, (last_ns if state == _CLOSED else now_ns) - first_ns) / 1e9, 3)
         else:  # opened before the tracer, or UDP (no start): not guessed
             c.start_time = c.duration = None
-        c.end = abi.ENDS.get(s.end) if state == _CLOSED else None
+        c.end = _ENDS.get(end) if state == _CLOSED else None
         c.failed_connects = int(c.end in FAILED_CONNECT)
         c.resets_sent = int(c.end == "reset_sent")
         c.resets_received = int(c.end == "reset_received")
-        c.rtt_us, c.rtt_var_us = (s.rtt_us, s.rtt_var_us) if s.rtt_us else (None, None)
+        c.rtt_us, c.rtt_var_us = (rtt, rtt_var) if rtt else (None, None)
         return c
 
     def _unchanged(self, changed, cur, start, now_ns, include):

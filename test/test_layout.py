@@ -133,6 +133,7 @@ def test_decoding_by_field_name():
     s = abi.CONN_STATS.unpack(raw)
     assert (s.sent_bytes, s.recv_bytes, s.state, s.comm) == (5, 0, 2, b"curl".ljust(16, b"\0"))
     assert raw[abi.CONN_STATS.offset("state")] == abi.CONN_CLOSED
+    assert abi.CONN_STATS.getter("state", "sent_bytes")(abi.CONN_STATS.struct.unpack(raw)) == (2, 5)
     assert abi.SOCK_INFO.unpack(b"\0" * 4 + abi.SOCK_INFO.pack(has_tuple=1), 4).has_tuple == 1
     with pytest.raises(TypeError):
         abi.CONN_STATS.pack(no_such_field=1)
