@@ -42,7 +42,6 @@ TP_FIELDS = {
     abi.TPF_SENDMSG_MSG: ("syscalls", "sys_enter_sendmsg", "msg"),
     abi.TPF_RECVFROM_ADDR: ("syscalls", "sys_enter_recvfrom", "addr"),
     abi.TPF_RECVMSG_MSG: ("syscalls", "sys_enter_recvmsg", "msg"),
-    abi.TPF_SYSEXIT_RET: ("syscalls", "sys_exit_recvfrom", "ret"),
     abi.TPF_SSL_SK: ("sock", "sock_send_length", "sk"),
     abi.TPF_SSL_RET: ("sock", "sock_send_length", "ret"),
     abi.TPF_SSL_FLAGS: ("sock", "sock_send_length", "flags"),

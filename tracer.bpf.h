@@ -257,7 +257,6 @@ struct guess_dump {
 #define TPF_SENDMSG_MSG 11
 #define TPF_RECVFROM_ADDR 12
 #define TPF_RECVMSG_MSG 13
-#define TPF_SYSEXIT_RET 14
 #define TPF_SSL_SK 15         /* sock_send_length / sock_recv_length: sk */
 #define TPF_SSL_RET 16
 #define TPF_SSL_FLAGS 17

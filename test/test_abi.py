@@ -63,12 +63,12 @@ def test_the_checked_in_object_has_everything_the_tracer_needs(data):
 def test_map_sizes_come_from_the_python_mirrors():
     m = abi.MAPS_BY_NAME
     assert (m["conns"].key_size, m["conns"].value_size) == (abi.CONN_TUPLE.size,
-                                                            abi.CONN_STATS.size) == (52, 72)
-    assert m["socks"].value_size == abi.SOCK_INFO.size == 144
-    assert m["offsets"].value_size == abi.OFFSETS.size == 108
-    assert m["guess_req"].value_size == abi.GUESS_REQ.size == 24
-    assert m["guess_dump"].value_size == abi.GUESS_DUMP.size == 4120
-    assert m["telemetry"].max_entries == len(abi.TELEMETRY_NAMES) == 13
+                                                            abi.CONN_STATS.size)
+    assert m["socks"].value_size == abi.SOCK_INFO.size
+    assert m["offsets"].value_size == abi.OFFSETS.size
+    assert m["guess_req"].value_size == abi.GUESS_REQ.size
+    assert m["guess_dump"].value_size == abi.GUESS_DUMP.size
+    assert m["telemetry"].max_entries == len(abi.TELEMETRY_NAMES)
     assert max(backends.TP_FIELDS) < m["tp_fields"].max_entries
     assert m["skc_copy"].value_size == abi.SKC_BLOCK + 16
     assert not [n for n in abi.MAPS_BY_NAME if n.startswith("test")]  # test/selftest.bpf.o

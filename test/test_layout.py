@@ -120,7 +120,7 @@ def test_abi_structs_have_no_gaps_so_a_c_field_cannot_hide():
 def test_name_tables_follow_the_macros():
     assert abi.TELEMETRY_NAMES[abi.TELE_READ_FAULTS] == "read_faults"
     assert abi.TELEMETRY_NAMES[abi.TELE_EVENTS] == "events"
-    assert len(abi.TELEMETRY_NAMES) == abi.TELE_MAX == 13
+    assert len(abi.TELEMETRY_NAMES) == abi.TELE_MAX
     assert abi.ENDS[abi.END_CONNECT_TIMEOUT] == "connect_timeout" and abi.END_NONE not in abi.ENDS
     assert abi.EVENT_KINDS == {1: "connect", 2: "accept", 3: "close", 4: "connect_failed",
                                5: "udp_open"}
