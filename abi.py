@@ -10,9 +10,9 @@ struct, field and constant below against it.
 It also says what tracer.bpf.o must hold for this Python side to use it:
 the maps (MAPS: type, key and value size, entries, flags) and the programs
 the tracer loads from it (all_programs(): the names backends.REGISTRY
-wants; their kind and target are their sections).  Entry counts are the object's built
-values, and max_conns resizes the connection tables when they are created
-(RESIZED_BY_MAX_CONNS).
+wants; their kind and target are their sections).  Entry counts are the
+object's built values, and max_conns resizes the connection tables when
+they are created (RESIZED_BY_MAX_CONNS).
 
 check_object() compares a parsed object (elfload.ObjectSpec) with this
 before anything touches the kernel, and raises elfload.ObjectError naming
