@@ -1,5 +1,6 @@
 # tracer-bpf build and test entry points.
-#   make          rebuild tracer.bpf.o from tracer.bpf.c (clang, no kernel headers)
+#   make          rebuild tracer.bpf.o from tracer.bpf.c (clang, no kernel headers),
+#                 and the tests' test/selftest.bpf.o
 #   make test     the test suite (as root for the live tests)
 #   make vm-test  the kprobe tests inside Debian kernels under qemu
 #   make bench    benchmarks that print figures
@@ -10,10 +11,14 @@ PYTHON ?= python3
 # byte-identical across builds and directories.
 BPF_CFLAGS = -O2 -g0 -target bpf -Wall -Werror -Wno-unused-function -fno-ident
 
-all: tracer.bpf.o
+all: tracer.bpf.o test/selftest.bpf.o
 
 tracer.bpf.o: tracer.bpf.c tracer.bpf.h
 	$(CLANG) $(BPF_CFLAGS) -c tracer.bpf.c -o $@
+
+# self-test programs and maps for the loader tests: not in the production object
+test/selftest.bpf.o: test/selftest.bpf.c tracer.bpf.h
+	$(CLANG) $(BPF_CFLAGS) -c test/selftest.bpf.c -o $@
 
 test:
 	$(PYTHON) -m pytest -ra -m "not kprobe" --ignore=test/vm test/

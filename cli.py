@@ -20,6 +20,7 @@ import textwrap
 import time
 import traceback
 
+import backends
 import bpfsys
 import tracer
 
@@ -36,21 +37,7 @@ start-up with loopback sockets (no kernel headers, no BTF, no compiler on
 this host); the programs count bytes into a BPF hash map that this tool
 polls every interval.
 
-Backends (--backend):
-  tracepoint  stable tracepoints only: sock:sock_send_length,
-              sock:sock_recv_length, sock:inet_sock_set_state,
-              sock:sk_data_ready, tcp:tcp_retransmit_skb,
-              tcp:tcp_destroy_sock, and cgroup sendmsg/recvmsg hooks for the
-              UDP message address (syscall tracepoints where cgroup2 cannot
-              be used).  Needs Linux 6.3 or newer; works on kernels built
-              without kprobes.
-  kprobe      kprobes and kretprobes on tcp_sendmsg, tcp_recvmsg,
-              udp_sendmsg, skb_consume_udp, ... (kprobe PMU, else tracefs
-              kprobe_events with unique names removed on exit; kretprobes
-              through tracefs with a large maxactive) and the tcp
-              tracepoints.  Linux 5.8+ with CONFIG_KPROBES.
-  auto        (default) tracepoint where the kernel has it, else kprobe; the
-              first line of the output and --check say which and why.
+%(backends)s
 
 What is counted: TCP over IPv4 and IPv6 (connect, accept, close, bytes the
 kernel accepted on send, bytes copied to the user on receive, MSG_PEEK
@@ -165,6 +152,25 @@ examples:
   sudo python3 tracer.py --prometheus :9464 -q   # a /metrics endpoint only
   sudo python3 tracer.py --backend kprobe   # force the kprobe backend
   sudo python3 tracer.py --check            # what works on this kernel"""
+
+
+def _backends_help():
+    """The Backends paragraph of --help, from backends.REGISTRY."""
+    lines = ["Backends (--backend):"]
+    wrap = lambda text: textwrap.wrap(text, 76, initial_indent=" " * 14,
+                                      subsequent_indent=" " * 14)
+    for b in backends.REGISTRY:
+        body = wrap(b.summary)
+        lines.append("  %-11s %s" % (b.name, body[0].lstrip()))
+        lines.extend(body[1:])
+    auto = wrap("(default) the first of %s that the kernel offers; the first line of the output "
+                "and --check say which and why." % ", ".join(backends.NAMES))
+    lines.append("  %-11s %s" % ("auto", auto[0].lstrip()))
+    lines.extend(auto[1:])
+    return "\n".join(lines)
+
+
+DESCRIPTION = DESCRIPTION % {"backends": _backends_help()}
 
 
 class CliError(Exception):
@@ -311,7 +317,7 @@ def parser():
                            "labelled other, counted in tracer_series_folded_total "
                            "(default 1000)")
     tune = p.add_argument_group("tracing")
-    tune.add_argument("--backend", choices=("auto", "kprobe", "tracepoint"), default="auto",
+    tune.add_argument("--backend", choices=("auto",) + backends.NAMES, default="auto",
                       help="how to hook the kernel (default auto: see above)")
     tune.add_argument("--udp-idle", type=_positive_float, default=30.0, metavar="SECONDS",
                       help="forget a UDP flow idle this long (default 30)")
@@ -875,7 +881,7 @@ def check(args):
         rep["error"] = tracer.needs_privilege(missing)
     else:
         try:
-            for name, (ok, why) in sorted(backends.availability().items()):
+            for name, (ok, why) in backends.availability().items():
                 rep["backends"][name] = {"available": bool(ok), "why": why}
         except OSError as e:
             rep["error"] = "cannot read the kernel's tracing features: %s" % _error_text(e)

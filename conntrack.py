@@ -12,39 +12,23 @@ import collections
 import itertools
 import operator
 import socket
-import struct
 import time
 
+import abi
 import bpfsys
 
-# struct conn_tuple in tracer.bpf.h (the record's name: one life of one
-# connection of one process)
-CONN_TUPLE = struct.Struct("<16s16sIIHHBBHI")
-# struct conn_stats in tracer.bpf.h
-CONN_STATS = struct.Struct("<QQQQIBBBB16sIIII")
-# struct sock_info in tracer.bpf.h: the owner's tuple, has_tuple, the
-# owner's stats, the other processes
-SOCK_INFO = struct.Struct("<%dsI%ds12sI" % (CONN_TUPLE.size, CONN_STATS.size))
-SOCK_INFO_TUPLE = slice(0, CONN_TUPLE.size)
-SOCK_INFO_STATS = slice(CONN_TUPLE.size + 4, CONN_TUPLE.size + 4 + CONN_STATS.size)
-_HAS_TUPLE = struct.Struct("<I")
-_PID_OFFSET = 36          # conn_tuple.pid
+# where the hot loop finds a field in the raw bytes (abi's layouts)
+SOCK_INFO_TUPLE = abi.SOCK_INFO.slice("tuple")
+SOCK_INFO_STATS = abi.SOCK_INFO.slice("stats")
+_HAS_TUPLE = abi.SOCK_INFO.slice("has_tuple")
+_PID = abi.CONN_TUPLE.slice("pid")
+_PROTO_OFFSET = abi.CONN_TUPLE.offset("proto")
+_STATE_OFFSET = abi.CONN_STATS.offset("state")
 _SOCK_ID = 8              # the length of a socks entry's id: its struct sock address
 _NO_SOCK = bytes(8)       # dirty map value of a record in conns
-_PROTO_OFFSET = 45        # conn_tuple.proto
-
-PROTO_NAMES = {6: "tcp", 17: "udp"}
-DIRECTIONS = {0: "unknown", 1: "outgoing", 2: "incoming"}
-STATE_CLOSED = 2
-
-# the telemetry map's slots (TELE_* in tracer.bpf.h)
-TELEMETRY_NAMES = ("conn_lost", "closed_lost", "stash_lost", "tuple_mismatch", "tuple_checked",
-                   "read_faults", "pending_lost", "dirty_lost", "bytes_lost", "udp_lost",
-                   "shared_overflow", "events_lost", "events")
-
-# conn_stats.end (END_* in tracer.bpf.h): how a TCP connection ended
-ENDS = {1: "fin", 2: "reset_sent", 3: "reset_received", 4: "timeout", 5: "refused",
-        6: "connect_timeout", 7: "unreachable", 8: "aborted"}
+_ZERO32 = bytes(4)        # has_tuple or pid 0
+_TCP, _UDP, _CLOSED = abi.TRACER_PROTO_TCP, abi.TRACER_PROTO_UDP, abi.CONN_CLOSED
+_DIRECTIONS, _ENDS = abi.DIRECTIONS, abi.ENDS
 FAILED_CONNECT = ("refused", "connect_timeout", "unreachable")
 
 FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "raddr", "rport",
@@ -117,20 +101,31 @@ class Conn(object):
             self.sent_bytes, self.recv_bytes, self.state)
 
 
+# conn_stats and conn_tuple decoded by field name, at C speed (the poll's hot loop)
+_unpack_stats = abi.CONN_STATS.struct.unpack
+_record_fields = abi.CONN_STATS.getter(
+    "sent_bytes", "recv_bytes", "retransmits", "state", "direction", "seen_start", "end", "comm",
+    "first_ns", "last_ns", "rtt_us", "rtt_var_us")
+_counters = abi.CONN_STATS.getter("sent_bytes", "recv_bytes", "retransmits", "state")
+_unpack_tuple = abi.CONN_TUPLE.struct.unpack
+_tuple_fields = abi.CONN_TUPLE.getter(
+    "saddr", "daddr", "netns", "pid", "sport", "dport", "family", "proto", "life")
+
+
 def format_endpoint(addr, port):
     """'1.2.3.4:80', '[::1]:80'."""
     return ("[%s]:%d" if ":" in addr else "%s:%d") % (addr, port)
 
 
 def decode_tuple(key):
-    saddr, daddr, netns, pid, sport, dport, family, proto, _, life = CONN_TUPLE.unpack(key)
+    saddr, daddr, netns, pid, sport, dport, family, proto, life = _tuple_fields(_unpack_tuple(key))
     if family == 4:
         laddr = socket.inet_ntop(socket.AF_INET, saddr[:4])
         raddr = socket.inet_ntop(socket.AF_INET, daddr[:4])
     else:
         laddr = socket.inet_ntop(socket.AF_INET6, saddr)
         raddr = socket.inet_ntop(socket.AF_INET6, daddr)
-    return ConnKey(PROTO_NAMES.get(proto, str(proto)), family, pid, laddr, sport, raddr, dport,
+    return ConnKey(abi.PROTO_NAMES.get(proto, str(proto)), family, pid, laddr, sport, raddr, dport,
                    netns, life)
 
 
@@ -139,12 +134,9 @@ def monotonic_ns():
     return int(time.monotonic() * 1e9)
 
 
-_STATE_OFFSET = 37    # conn_stats.state
-
-
 def _life(key):
     """A record's key without its pid: the connection life it belongs to."""
-    return key[:_PID_OFFSET] + key[_PID_OFFSET + 4:]
+    return key[:_PID.start] + key[_PID.stop:]
 
 
 class ConnTable(object):
@@ -276,7 +268,7 @@ class ConnTable(object):
             idle = self._idle(cur, now_ns)
             if self.keep_expired:
                 self.expired_udp.extend(self._conn(k, cur[k], cur[k], start, now_ns, unchanged=True)
-                                        for k in idle if k[_PROTO_OFFSET] == 17)
+                                        for k in idle if k[_PROTO_OFFSET] == _UDP)
             gone.extend(idle)
         if gone:
             self.conns.delete_keys(gone)
@@ -301,10 +293,10 @@ class ConnTable(object):
             old = prev.get(i)
             active[i] = now_ns
             if len(i) == _SOCK_ID:
-                if not _HAS_TUPLE.unpack_from(v, CONN_TUPLE.size)[0]:
+                if v[_HAS_TUPLE] == _ZERO32:
                     continue
                 key = v[SOCK_INFO_TUPLE]
-                if not key[_PID_OFFSET:_PID_OFFSET + 4].strip(b"\0"):
+                if key[_PID] == _ZERO32:
                     continue  # incoming, not claimed by a process yet
                 self.sock_of[key] = i
                 stats = v[SOCK_INFO_STATS]
@@ -319,7 +311,7 @@ class ConnTable(object):
                     now = cur.get(sk) if sk is not None else None
                     if now is not None and now[SOCK_INFO_TUPLE] == key:
                         del cur[sk]  # the socket's entry is gone from the kernel
-                if v[_STATE_OFFSET] == STATE_CLOSED:
+                if v[_STATE_OFFSET] == _CLOSED:
                     gone.append(key)
             out.append((key, stats, old))
         return out, gone
@@ -329,10 +321,10 @@ class ConnTable(object):
         moved (unless unchanged: then it is reported anyway, with deltas 0).
         start, now_ns: the poll's wall clock and monotonic time (the
         kernel's clock)."""
-        (sent, recv, first_ns, last_ns, retr, direction, state, seen_start, end, comm, _,
-         rtt, rtt_var, _) = CONN_STATS.unpack(value)
+        (sent, recv, retr, state, direction, seen_start, end, comm, first_ns, last_ns, rtt,
+         rtt_var) = _record_fields(_unpack_stats(value))
         if old is not None:
-            o_sent, o_recv, _, _, o_retr, _, o_state = CONN_STATS.unpack(old)[:7]
+            o_sent, o_recv, o_retr, o_state = _counters(_unpack_stats(old))
             if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state) and not unchanged:
                 return None
         else:
@@ -351,15 +343,15 @@ class ConnTable(object):
         c.sent_bytes, c.recv_bytes, c.retransmits = sent, recv, retr
         c.sent_delta = sent - o_sent
         c.recv_delta = recv - o_recv
-        c.state = "closed" if state == STATE_CLOSED else "open"
-        c.direction = DIRECTIONS.get(direction, "unknown")
+        c.state = "closed" if state == _CLOSED else "open"
+        c.direction = _DIRECTIONS.get(direction, "unknown")
         c.first_seen = old is None
         if seen_start:  # the tracer saw the connection start (connect or accept)
             c.start_time = round(start - (now_ns - first_ns) / 1e9, 3)
-            c.duration = round(max(0, (last_ns if state == STATE_CLOSED else now_ns) - first_ns) / 1e9, 3)
+            c.duration = round(max(0, (last_ns if state == _CLOSED else now_ns) - first_ns) / 1e9, 3)
         else:  # opened before the tracer, or UDP (no start): not guessed
             c.start_time = c.duration = None
-        c.end = ENDS.get(end) if state == STATE_CLOSED else None
+        c.end = _ENDS.get(end) if state == _CLOSED else None
         c.failed_connects = int(c.end in FAILED_CONNECT)
         c.resets_sent = int(c.end == "reset_sent")
         c.resets_received = int(c.end == "reset_received")
@@ -373,10 +365,10 @@ class ConnTable(object):
             if i in changed:
                 continue
             if len(i) == _SOCK_ID:
-                if not _HAS_TUPLE.unpack_from(v, CONN_TUPLE.size)[0]:
+                if v[_HAS_TUPLE] == _ZERO32:
                     continue
                 key, stats = v[SOCK_INFO_TUPLE], v[SOCK_INFO_STATS]
-                if not key[_PID_OFFSET:_PID_OFFSET + 4].strip(b"\0"):
+                if key[_PID] == _ZERO32:
                     continue
             else:
                 key, stats = i, v
@@ -393,9 +385,9 @@ class ConnTable(object):
         closed; they are deleted from conns after this poll."""
         ended = []
         for key, stats, _ in recs:
-            if key[_PROTO_OFFSET] != 6:
+            if key[_PROTO_OFFSET] != _TCP:
                 continue
-            if stats[_STATE_OFFSET] == STATE_CLOSED:
+            if stats[_STATE_OFFSET] == _CLOSED:
                 ended.append(_life(key))
             elif key in cur:  # an open conns record of TCP: a process sharing a socket
                 self.siblings.setdefault(_life(key), set()).add(key)
@@ -405,8 +397,8 @@ class ConnTable(object):
         for life in ended:
             for k in self.siblings.pop(life, ()):
                 stats, old = now.get(k) or (cur.get(k), cur.get(k))
-                if stats is not None and stats[_STATE_OFFSET] != STATE_CLOSED:
-                    closed = stats[:_STATE_OFFSET] + bytes([STATE_CLOSED]) + stats[_STATE_OFFSET + 1:]
+                if stats is not None and stats[_STATE_OFFSET] != _CLOSED:
+                    closed = stats[:_STATE_OFFSET] + bytes([_CLOSED]) + stats[_STATE_OFFSET + 1:]
                     now[k] = (closed, old)
                     gone.append(k)
         return [(k, s, o) for k, (s, o) in now.items()]
@@ -426,7 +418,7 @@ class ConnTable(object):
             elif len(i) == _SOCK_ID:
                 if t < tcp_before:
                     idle_socks.append(i)
-            elif t < (tcp_before if i[_PROTO_OFFSET] == 6 else udp_before):
+            elif t < (tcp_before if i[_PROTO_OFFSET] == _TCP else udp_before):
                 idle.append(i)
         # only entries the kernel still holds as they were (not a new life)
         idle_socks = [i for i in idle_socks if self.socks.lookup(i) in (cur[i], None)]

@@ -21,6 +21,7 @@ import collections
 import re
 import struct
 
+import abi
 import bpfsys
 
 EM_BPF = 247
@@ -38,7 +39,7 @@ SYM_SIZE, REL_SIZE = 24, 16  # Elf64_Sym, Elf64_Rel
 # the longest name read from a string table: far above any symbol or section
 # name (a kernel symbol is at most 512), and a bound on what names can cost
 MAX_NAME = 1024
-MAP_DEF = struct.Struct("<IIIII")  # struct bpf_map_def in tracer.bpf.c
+MAP_DEF = abi.BPF_MAP_DEF.struct
 # an ld_imm64 of 0 from no source: what clang leaves for the loader to fill
 # (a map's address); a constant 0 it would load with a mov
 _UNFILLED_LOAD = re.compile(b"\x18[\x00-\x0f]\x00{14}")

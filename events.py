@@ -13,8 +13,6 @@ import time
 import abi
 import conntrack
 
-# struct conn_event.type (EV_* in tracer.bpf.h)
-KINDS = {1: "connect", 2: "accept", 3: "close", 4: "connect_failed", 5: "udp_open"}
 UDP_EXPIRE = "udp_expire"   # from user space: a UDP flow idle past --udp-idle
 
 FIELDS = ("type", "event", "time", "proto", "family", "pid", "comm", "laddr", "lport", "raddr",
@@ -58,24 +56,24 @@ def decode(raw, now=None, now_ns=None):
     clock and the kernel's monotonic clock read together."""
     if now is None:
         now, now_ns = time.time(), conntrack.monotonic_ns()
-    (ts, tup, kind, end, direction, seen_start, sent, recv, first_ns, retr, rtt, rtt_var, _,
-     comm) = abi.EVENT.unpack_from(raw)
+    r = abi.CONN_EVENT.unpack(raw)
+    ts, first_ns = r.ts_ns, r.first_ns
     e = Event()
-    e.key = conntrack.decode_tuple(tup)
+    e.key = conntrack.decode_tuple(r.tuple)
     e.proto, e.family, e.pid, e.laddr, e.lport, e.raddr, e.rport, e.netns, _ = e.key
     e.type = "event"
-    e.event = KINDS.get(kind, str(kind))
+    e.event = abi.EVENT_KINDS.get(r.type, str(r.type))
     e.time = round(now - (now_ns - ts) / 1e9, 6)
-    e.comm = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-    e.direction = conntrack.DIRECTIONS.get(direction, "unknown")
-    e.sent_bytes, e.recv_bytes, e.retransmits = sent, recv, retr
-    if seen_start:
+    e.comm = r.comm.split(b"\0", 1)[0].decode("utf-8", "replace")
+    e.direction = abi.DIRECTIONS.get(r.direction, "unknown")
+    e.sent_bytes, e.recv_bytes, e.retransmits = r.sent_bytes, r.recv_bytes, r.retransmits
+    if r.seen_start:
         e.start_time = round(now - (now_ns - first_ns) / 1e9, 6)
         e.duration = round(max(0, ts - first_ns) / 1e9, 6)
     else:
         e.start_time = e.duration = None
-    e.end = conntrack.ENDS.get(end) if e.event in ("close", "connect_failed") else None
-    e.rtt_us, e.rtt_var_us = (rtt, rtt_var) if rtt else (None, None)
+    e.end = abi.ENDS.get(r.end) if r.type in (abi.EV_CLOSE, abi.EV_CONNECT_FAILED) else None
+    e.rtt_us, e.rtt_var_us = (r.rtt_us, r.rtt_var_us) if r.rtt_us else (None, None)
     return e
 
 

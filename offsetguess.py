@@ -21,27 +21,12 @@ import socket
 import struct
 import time
 
+import abi
 import bpfsys
+from abi import (GUESS_NET_BYTES, GUESS_QSKB_AT, GUESS_SK_BYTES, GUESS_SKB_AT, GUESS_SKB_BEFORE,
+                 GUESS_SOCK, GUESS_STATE, GUESS_TASK, GUESS_TASK_AT, SKC_BLOCK)
 
-# struct offsets in tracer.bpf.h
-OFFSETS = struct.Struct("<27I")
-OFFSET_FIELDS = ("ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state",
-                 "protocol", "v6_daddr", "v6_saddr", "net", "netns_inum", "gen",
-                 "task_comm", "task_leader", "skb_data", "sk_rcvq", "udp_readerq",
-                 "want", "pid_filter", "port_filter", "skc_block", "sk_err", "srtt", "mdev",
-                 "inet_sport")
-SKC_BLOCK = 128  # tracer.bpf.h: the bytes of struct sock that read_tuple_block copies
-WANT_TCP, WANT_UDP, WANT_V4, WANT_V6, WANT_EVENTS = 1, 2, 4, 8, 16  # offsets.want
-# struct guess_req in tracer.bpf.h
-GUESS_REQ = struct.Struct("<QIIII")
-GUESS_SOCK, GUESS_TASK, GUESS_TASK_AT, GUESS_SKB_AT, GUESS_QSKB_AT, GUESS_STATE = range(6)  # .mode
 TCP_FIN_WAIT1, TCP_CLOSE = 4, 7
-GUESS_SKB_BEFORE = 128
-# struct guess_dump in tracer.bpf.h: header, then the sk and net bytes
-GUESS_DUMP_HEAD = struct.Struct("<IIIIQ")
-GUESS_SK_BYTES = 2048
-GUESS_NET_BYTES = 2048
-
 AF_INET, AF_INET6 = 2, 10
 ROUNDS_PER_FIELD = 4      # independent random sockets per address/port field
 NET_CANDIDATES = 24       # 8-byte slots tried for skc_net
@@ -68,8 +53,8 @@ class Offsets(object):
 
     def pack(self, gen=0):
         """struct offsets, with the poll generation gen and the filters."""
-        return OFFSETS.pack(*[gen if f == "gen" else self.filters.get(f, self.values.get(f, 0))
-                              for f in OFFSET_FIELDS])
+        return abi.OFFSETS.pack(**dict((f, gen if f == "gen" else self.filters.get(f, self.values.get(f, 0)))
+                                       for f in abi.OFFSETS.names))
 
     def as_dict(self):
         return dict((k, v) for k, v in self.values.items() if not k.startswith("_"))
@@ -100,23 +85,21 @@ class _Prober(object):
         (GUESS_STATE: a socket of this thread entering TCP state)."""
         self.seq += 1
         self.rounds += 1
-        self.req.update(b"\0\0\0\0", GUESS_REQ.pack(pid_tgid or self.pid_tgid, net_off, self.seq,
-                                                     mode, state))
+        self.req.update(b"\0\0\0\0", abi.GUESS_REQ.pack(pid_tgid=pid_tgid or self.pid_tgid,
+                                                         net_off=net_off, seq=self.seq, mode=mode,
+                                                         state=state))
         action()
         raw = self.dump.lookup(b"\0\0\0\0")
-        seq, sk_ok, net_ok, _, sk = GUESS_DUMP_HEAD.unpack_from(raw)
-        if seq != self.seq:
+        d = abi.GUESS_DUMP.unpack(raw)
+        if d.seq != self.seq:
             return None
-        base = GUESS_DUMP_HEAD.size
-        sk_bytes = _valid(raw[base:base + GUESS_SK_BYTES], sk_ok)
-        net_bytes = _valid(raw[base + GUESS_SK_BYTES:base + GUESS_SK_BYTES + GUESS_NET_BYTES], net_ok)
-        return sk_bytes, net_bytes, sk
+        return _valid(d.sk_bytes, d.sk_ok), _valid(d.net_bytes, d.net_ok), d.sk
 
     def stop(self):
-        self.req.update(b"\0\0\0\0", GUESS_REQ.pack(0, 0, 0, 0, 0))
+        self.req.update(b"\0\0\0\0", abi.GUESS_REQ.pack())
 
 
-def _valid(data, okmask, chunk=512):
+def _valid(data, okmask, chunk=abi.GUESS_CHUNK):
     """Bytes up to the first chunk the kernel could not read."""
     n = 0
     while n < len(data) // chunk and okmask & (1 << n):

@@ -1,19 +1,17 @@
 /* tracer.bpf.c: the kernel side of tracer-bpf.
  *
- * Two backends share one set of maps and one set of helpers below:
- *   - tracepoint: sock:inet_sock_set_state (perf tracepoint: its fields
- *     cross-check the guessed offsets), raw tracepoints sock_send_length,
- *     sock_recv_length, tcp_retransmit_skb, and syscalls:sys_{enter,exit}_*
- *     for the peer address of unconnected UDP;
- *   - kprobe: tcp_set_state, inet_csk_accept, tcp_sendmsg, tcp_sendpage,
- *     tcp_recvmsg, tcp_retransmit_skb, udp(v6)_sendmsg, udp(v6)_recvmsg.
+ * Two backends share one set of maps and one set of helpers below: one
+ * program per hook, its SEC() naming the kind and the target.  Which
+ * programs each backend attaches (and when, on which kernels) is said once,
+ * in backends.py's REGISTRY; a name's prefix says its kind (kp_ kprobe,
+ * krp_ kretprobe, tp_ raw or perf tracepoint, tpp_ perf tracepoint, cg_
+ * cgroup, guess_ offset guessing), which abi.check_object holds it to.
  * Struct sock field offsets come from the offsets map, filled by
  * offsetguess.py before any data-path program is attached.
  *
  * Built with clang -target bpf and no kernel headers (see Makefile). */
 #include "tracer.bpf.h"
 
-#define SEC(name) __attribute__((section(name), used))
 #define INLINE static inline __attribute__((always_inline))
 
 /* BPF ABI numbers (include/uapi/linux/bpf.h). */
@@ -35,18 +33,6 @@ static long (*bpf_get_current_comm)(void *buf, __u32 size) = (void *)16;
 static long (*bpf_probe_read_user)(void *dst, __u32 size, const void *src) = (void *)112;
 static long (*bpf_probe_read_kernel)(void *dst, __u32 size, const void *src) = (void *)113;
 static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 flags) = (void *)130;
-
-/* Legacy map definition, read by elfload.py from the "maps" section. */
-struct bpf_map_def {
-	__u32 type;
-	__u32 key_size;
-	__u32 value_size;
-	__u32 max_entries;
-	__u32 map_flags;
-};
-
-#define MAP(name, t, k, v, n) \
-	struct bpf_map_def SEC("maps") name = { .type = t, .key_size = k, .value_size = v, .max_entries = n }
 
 MAP(conns, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(struct conn_stats), 65536);
 MAP(socks, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct sock_info), 65536);
@@ -84,8 +70,6 @@ MAP(guess_dump, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(struct guess_dump), 1)
 /* connection events (only with WANT_EVENTS); the loader sizes it: a page
  * when events are off */
 MAP(events, BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 20);
-MAP(test_counts, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u64), 4);
-MAP(test_bytes, BPF_MAP_TYPE_HASH, sizeof(__u32), sizeof(__u64), 1024);
 
 char _license[] SEC("license") = "GPL";
 __u32 _version SEC("version") = 0xFFFFFFFE; /* ignored by kernels >= 5.0 */
@@ -152,7 +136,7 @@ INLINE void tele_addn(__u32 idx, __u64 n)
 INLINE void kread(void *dst, __u32 size, const void *src)
 {
 	if (bpf_probe_read_kernel(dst, size, src))
-		tele_add(TELE_READ_FAULT);
+		tele_add(TELE_READ_FAULTS);
 }
 
 /* The process's name: its main thread's comm, when the task_struct offsets
@@ -239,7 +223,7 @@ INLINE int read_tuple_block(const void *sk, struct offsets *o, struct conn_tuple
 	unsigned long net;
 
 	if (!b || bpf_probe_read_kernel(b, SKC_BLOCK, sk)) {
-		tele_add(TELE_READ_FAULT);
+		tele_add(TELE_READ_FAULTS);
 		return -1;
 	}
 	__builtin_memcpy(&family, b + (o->family & (SKC_BLOCK - 1)), 2);
@@ -1727,59 +1711,5 @@ int kp_skb_consume_udp(struct pt_regs *ctx)
 	if (!p.family)
 		tele_add(TELE_PENDING_LOST);
 	udp_count((void *)PARM1(ctx), o, 0, len, &p);
-	return 0;
-}
-
-/* ------------------------------------------------------------------ */
-/* self-test programs (test/): no offsets needed */
-
-SEC("raw_tracepoint/sock_send_length")
-int test_send_bytes(struct raw_args *ctx)
-{
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	long ret = (int)ctx->args[1];
-	__u64 *v, init = 0;
-
-	if (ret <= 0)
-		return 0;
-	v = bpf_map_lookup_elem(&test_bytes, &tgid);
-	if (!v) {
-		bpf_map_update_elem(&test_bytes, &tgid, &init, BPF_NOEXIST);
-		v = bpf_map_lookup_elem(&test_bytes, &tgid);
-		if (!v)
-			return 0;
-	}
-	__sync_fetch_and_add(v, ret);
-	return 0;
-}
-
-SEC("tracepoint/sock/sock_send_length")
-int test_send_calls_tp(void *ctx)
-{
-	__u32 idx = TEST_SEND_CALLS;
-	__u64 *v = bpf_map_lookup_elem(&test_counts, &idx);
-	if (v)
-		__sync_fetch_and_add(v, 1);
-	return 0;
-}
-
-INLINE void test_count(__u32 idx)
-{
-	__u64 *v = bpf_map_lookup_elem(&test_counts, &idx);
-	if (v)
-		__sync_fetch_and_add(v, 1);
-}
-
-SEC("kprobe/tcp_v4_connect")
-int test_tcp_v4_connect(struct pt_regs *ctx)
-{
-	test_count(TEST_CONNECT_ENTRY);
-	return 0;
-}
-
-SEC("kretprobe/tcp_v4_connect")
-int test_tcp_v4_connect_ret(struct pt_regs *ctx)
-{
-	test_count(TEST_CONNECT_RETURN);
 	return 0;
 }

@@ -1,6 +1,6 @@
 /* tracer.bpf.h: the structs shared by the kernel side (tracer.bpf.c) and the
- * user side (bpfsys/tracer Python modules mirror each one with a
- * struct.Struct whose comment names the C struct).  No kernel headers: every
+ * user side (abi.py mirrors every struct and constant here, under the same
+ * names; test/test_layout.py checks each against this header).  No kernel headers: every
  * type used here is defined here. */
 #ifndef TRACER_BPF_H
 #define TRACER_BPF_H
@@ -11,6 +11,20 @@ typedef unsigned int __u32;
 typedef unsigned long long __u64;
 typedef int __s32;
 typedef long long __s64;
+
+/* Legacy map definition, read by elfload.py from the "maps" section.
+ * Python: abi.BPF_MAP_DEF. */
+struct bpf_map_def {
+	__u32 type;
+	__u32 key_size;
+	__u32 value_size;
+	__u32 max_entries;
+	__u32 map_flags;
+};
+
+#define SEC(name) __attribute__((section(name), used))
+#define MAP(name, t, k, v, n) \
+	struct bpf_map_def SEC("maps") name = { .type = t, .key_size = k, .value_size = v, .max_entries = n }
 
 #define TRACER_PROTO_TCP 6
 #define TRACER_PROTO_UDP 17
@@ -23,7 +37,7 @@ typedef long long __s64;
 #define CONN_CLOSED 2
 
 /* Key of the conns map and name of every record: one life of one
- * connection of one process.  52 bytes.  Python: CONN_TUPLE in conntrack.py. */
+ * connection of one process.  52 bytes.  Python: abi.CONN_TUPLE. */
 struct conn_tuple {
 	__u8 saddr[16];   /* IPv4 in the first 4 bytes, network order */
 	__u8 daddr[16];
@@ -39,7 +53,7 @@ struct conn_tuple {
 };
 
 /* Counters of one record: the value of the conns map, and inside a socks
- * entry for the socket's owner.  56 bytes.  Python: CONN_STATS in conntrack.py. */
+ * entry for the socket's owner.  72 bytes.  Python: abi.CONN_STATS. */
 struct conn_stats {
 	__u64 sent_bytes;
 	__u64 recv_bytes;
@@ -75,7 +89,7 @@ struct conn_stats {
 #define EV_CONNECT_FAILED 4 /* TCP closed before it was established (end: why) */
 #define EV_UDP_OPEN 5       /* a UDP flow's first datagram */
 
-/* One event.  120 bytes.  Python: abi.EVENT. */
+/* One event.  120 bytes.  Python: abi.CONN_EVENT. */
 struct conn_event {
 	__u64 ts_ns;      /* bpf_ktime_get_ns() */
 	struct conn_tuple tuple;
@@ -100,7 +114,7 @@ struct conn_event {
  * socket.  The owner's counters live here (one lookup per send or
  * receive); other processes that use the socket (after fork) get conns
  * entries of their own, listed in others[] so they close with it.
- * Python: SOCK_INFO in conntrack.py. */
+ * Python: abi.SOCK_INFO. */
 struct sock_info {
 	struct conn_tuple tuple;  /* captured while valid; pid = the owner */
 	__u32 has_tuple;
@@ -109,7 +123,7 @@ struct sock_info {
 	__u32 _pad;
 };
 
-/* A peer address taken from a message (unconnected UDP). */
+/* A peer address taken from a message (unconnected UDP).  Python: abi.PEER. */
 struct peer {
 	__u8 addr[16];
 	__u16 port;       /* host order */
@@ -118,7 +132,7 @@ struct peer {
 };
 
 /* Value of the stash map (key: pid_tgid): what one thread's syscall or
- * probed function entry left for its later hook. */
+ * probed function entry left for its later hook.  Python: abi.STASH. */
 struct stash {
 	__u64 sk;         /* kprobe: the sock argument; tracepoint: pending UDP receive */
 	__u64 msg;        /* kprobe: struct msghdr * (kernel) */
@@ -130,8 +144,8 @@ struct stash {
 	__u8 _pad[7];
 };
 
-/* The guessed struct sock layout (offsets map, index 0).  Python: OFFSETS
- * in offsetguess.py. */
+/* The guessed struct sock layout (offsets map, index 0).  Python:
+ * abi.OFFSETS. */
 struct offsets {
 	__u32 ready;      /* 1 once guessing is done */
 	__u32 ipv6;       /* 1 when the v6 offsets are valid */
@@ -173,7 +187,7 @@ struct offsets {
 #define WANT_EVENTS 16  /* push events into the events ring buffer */
 
 /* guess_req map, index 0: what the guessing thread asks for.
- * Python: GUESS_REQ in offsetguess.py. */
+ * Python: abi.GUESS_REQ. */
 struct guess_req {
 	__u64 pid_tgid;   /* only this thread's events are dumped */
 	__u32 net_off;    /* when non-zero: also dump *(void **)(sk + net_off);
@@ -198,7 +212,7 @@ struct guess_req {
 #define GUESS_CHUNK 512
 
 /* guess_dump map, index 0: raw bytes of the struct sock (and struct net).
- * Python: read by offsetguess.py at GUESS_DUMP_* offsets. */
+ * Python: abi.GUESS_DUMP. */
 struct guess_dump {
 	__u32 seq;
 	__u32 sk_ok;      /* bitmask of GUESS_CHUNK chunks read without fault */
@@ -209,13 +223,14 @@ struct guess_dump {
 	__u8 net_bytes[GUESS_NET_BYTES];
 };
 
-/* telemetry map (array of __u64) indexes.  Python: TELEMETRY_NAMES. */
+/* telemetry map (array of __u64) indexes.  Python: abi.TELEMETRY_NAMES
+ * (each name: the macro's, after TELE_, in lower case). */
 #define TELE_CONN_LOST 0      /* TCP connection lives not tracked: socks map full */
 #define TELE_CLOSED_LOST 1    /* ended lives or other processes' records the conns map could not hold */
 #define TELE_STASH_LOST 2     /* per-thread stash map full */
 #define TELE_TUPLE_MISMATCH 3 /* guessed offsets disagree with the tracepoint */
 #define TELE_TUPLE_CHECKED 4  /* cross-checks made */
-#define TELE_READ_FAULT 5     /* bpf_probe_read_kernel failed */
+#define TELE_READ_FAULTS 5     /* bpf_probe_read_kernel failed */
 #define TELE_PENDING_LOST 6   /* UDP receive whose peer address was not read */
 #define TELE_DIRTY_LOST 7     /* dirty map full: the next full scan finds it */
 #define TELE_BYTES_LOST 8     /* bytes sent or received that no record could hold */
@@ -225,13 +240,9 @@ struct guess_dump {
 #define TELE_EVENTS 12        /* events pushed */
 #define TELE_MAX 13
 
-/* test_counts map (array of __u64), used only by the self-test programs. */
-#define TEST_CONNECT_ENTRY 0
-#define TEST_CONNECT_RETURN 1
-#define TEST_SEND_CALLS 2
-
 /* tp_fields map (array of __u32): field offsets of perf tracepoints,
- * read by user space from each tracepoint's format file. */
+ * read by user space from each tracepoint's format file.  Python: abi.TPF_*;
+ * backends.TP_FIELDS says which field each slot holds. */
 #define TPF_ISS_SKADDR 0
 #define TPF_ISS_NEWSTATE 1
 #define TPF_ISS_SPORT 2
@@ -246,7 +257,6 @@ struct guess_dump {
 #define TPF_SENDMSG_MSG 11
 #define TPF_RECVFROM_ADDR 12
 #define TPF_RECVMSG_MSG 13
-#define TPF_SYSEXIT_RET 14
 #define TPF_SSL_SK 15         /* sock_send_length / sock_recv_length: sk */
 #define TPF_SSL_RET 16
 #define TPF_SSL_FLAGS 17

@@ -29,8 +29,8 @@ import elfload
 import events as events_mod
 import offsetguess
 
-_TELE_DIRTY_LOST = conntrack.TELEMETRY_NAMES.index("dirty_lost").to_bytes(4, "little")
-OBJECT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tracer.bpf.o")
+_TELE_DIRTY_LOST = abi.TELE_DIRTY_LOST.to_bytes(4, "little")
+OBJECT_PATH = abi.OBJECT_PATH
 
 
 class TracerError(RuntimeError):
@@ -134,8 +134,9 @@ def _comms(value):
 class Tracer(object):
     """Loads tracer.bpf.o, guesses offsets, attaches a backend, polls.
 
-    backend: "auto", "kprobe" or "tracepoint".  tcp/udp/ipv4/ipv6: what to
-    trace.  Filters (a connection must match all that are given):
+    backend: "auto" or a name in backends.NAMES ("tracepoint", "kprobe").
+    tcp/udp/ipv4/ipv6: what to trace.  Filters (a connection must match all
+    that are given):
       pid     only this process's connections
       port    a port or ports: connections with one of them as local or
               remote port
@@ -211,12 +212,12 @@ class Tracer(object):
             self.backend, self.backend_reason = backends.choose(backend)
         except (backends.BackendError, OSError) as e:
             raise TracerError(str(e))
-        if self.backend == "kprobe":
-            bpfsys.remove_stale_kprobes()
         try:
-            self.plan = backends.plan(self.backend, self.tcp, self.udp)
+            self.plan = backends.plan(self.backend, self.tcp, self.udp, spec=spec)
         except backends.BackendError as e:
             raise TracerError(str(e))
+        if backends.uses_kprobes(self.plan):
+            bpfsys.remove_stale_kprobes()
         names = abi.programs_to_load(self.backend, self.plan)
         if not _net_admin():
             # the kernel loads cgroup sock_addr programs only with CAP_NET_ADMIN
@@ -238,14 +239,14 @@ class Tracer(object):
             raise TracerError("offset guessing failed: %s" % e)
         # the filters, applied in the kernel: filtered-out traffic creates no entry
         self.offsets.filters = {
-            "want": ((offsetguess.WANT_TCP if self.tcp else 0) | (offsetguess.WANT_UDP if self.udp else 0)
-                     | (offsetguess.WANT_V4 if self.ipv4 else 0) | (offsetguess.WANT_V6 if self.ipv6 else 0)
-                     | (offsetguess.WANT_EVENTS if self.events_enabled else 0)),
+            "want": ((abi.WANT_TCP if self.tcp else 0) | (abi.WANT_UDP if self.udp else 0)
+                     | (abi.WANT_V4 if self.ipv4 else 0) | (abi.WANT_V6 if self.ipv6 else 0)
+                     | (abi.WANT_EVENTS if self.events_enabled else 0)),
             "pid_filter": self.pid or 0, "port_filter": self._kernel_port()}
         self._coll.maps["offsets"].update(b"\0\0\0\0", self.offsets.pack())
         try:
             self.attach_notes = []
-            self._links = backends.attach_all(self._coll, self.backend, self.plan, kprobe_method,
+            self._links = backends.attach_all(self._coll, self.plan, kprobe_method,
                                               self.attach_notes)
         except (bpfsys.BPFError, OSError, backends.BackendError) as e:
             raise TracerError("attaching the %s backend failed: %s" % (self.backend, e))
@@ -255,12 +256,8 @@ class Tracer(object):
             except (OSError, ValueError) as e:
                 raise TracerError("events need a BPF ring buffer (Linux 5.8+): mapping it "
                                   "failed: %s" % e)
-        offsets_map = self._coll.maps["offsets"]
-        self._table = conntrack.ConnTable(
-            self._coll.maps["conns"], self._coll.maps["socks"], udp_idle, tcp_idle,
-            dirty=self._coll.maps["dirty"],
-            set_gen=lambda gen: offsets_map.update(b"\0\0\0\0", self.offsets.pack(gen)),
-            keep_expired=self.events_enabled)
+        self._udp_idle, self._tcp_idle = udp_idle, tcp_idle
+        self.new_table()
 
     def _kernel_port(self):
         """The one port every wanted connection has on one side, or 0."""
@@ -293,6 +290,26 @@ class Tracer(object):
     def _table_or_raise(self):
         if self._coll is None:
             raise TracerError("the tracer is closed")
+        return self._table
+
+    def map(self, name):
+        """The live BPF map called name (a bpfsys.Map; abi.MAPS lists them
+        and abi's structs decode their entries)."""
+        if self._coll is None:
+            raise TracerError("the tracer is closed")
+        return self._coll.maps[name]
+
+    def new_table(self, dirty=True):
+        """Forget what the polls so far saw and poll afresh: the next poll
+        reports every record as first seen.  Without dirty, every poll
+        reads the tables whole (as on kernels before 5.6).  Returns the
+        conntrack.ConnTable that poll() now uses."""
+        maps, offsets_map = self._coll.maps, self.map("offsets")
+        self._table = conntrack.ConnTable(
+            maps["conns"], maps["socks"], self._udp_idle, self._tcp_idle,
+            dirty=maps["dirty"] if dirty else None,
+            set_gen=lambda gen: offsets_map.update(b"\0\0\0\0", self.offsets.pack(gen)),
+            keep_expired=self.events_enabled)
         return self._table
 
     def poll(self):
@@ -415,7 +432,7 @@ class Tracer(object):
         t = {"type": "telemetry", "time": round(time.time(), 3), "backend": self.backend,
              "tracked": self._table.tracked, "expired": self._table.expired,
              "poll_seconds": round(self._table.last_poll_seconds, 6)}
-        for i, name in enumerate(conntrack.TELEMETRY_NAMES):
+        for i, name in enumerate(abi.TELEMETRY_NAMES):
             if not name.startswith("_"):
                 v = raw.get(i.to_bytes(4, "little"))
                 t[name] = int.from_bytes(v, "little") if v else 0

@@ -321,30 +321,22 @@ def attach_floor(backend):
     import bpfsys
     bpfsys.tracefs()
     plan = backends.plan(backend)
+    types = backends.object_spec().programs  # each planned program's type
     progs, links = {}, []
-    types = {"raw_tracepoint": bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT,
-             "tracepoint": bpfsys.BPF_PROG_TYPE_TRACEPOINT,
-             "kprobe": bpfsys.BPF_PROG_TYPE_KPROBE, "kretprobe": bpfsys.BPF_PROG_TYPE_KPROBE,
-             "cgroup": bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR}
     root = None
     try:
-        for _, kind, target in plan:
+        for name, kind, target in plan:
+            ptype = types[name].prog_type
             if kind == "cgroup":  # a cgroup program says "allow" (r0 = 1)
-                p = bpfsys.Program(types[kind], ALLOW_INSNS, name="bench_allow",
+                p = bpfsys.Program(ptype, ALLOW_INSNS, name="bench_allow",
                                    expected_attach_type=bpfsys.CGROUP_ATTACH_TYPES[target])
                 progs[target] = p
                 root = root or bpfsys.Cgroup2Root()
-                links.append(bpfsys.attach_cgroup(p, target, root))
-                continue
-            p = progs.get(types[kind])
-            if p is None:
-                p = progs[types[kind]] = bpfsys.Program(types[kind], NOP_INSNS, name="bench_nop")
-            if kind == "raw_tracepoint":
-                links.append(bpfsys.attach_raw_tracepoint(p, target))
-            elif kind == "tracepoint":
-                links.append(bpfsys.attach_tracepoint(p, *target.split("/", 1)))
             else:
-                links.append(bpfsys.attach_kprobe(p, target, retprobe=(kind == "kretprobe")))
+                p = progs.get(ptype)
+                if p is None:
+                    p = progs[ptype] = bpfsys.Program(ptype, NOP_INSNS, name="bench_nop")
+            links.append(backends.attach_program(p, kind, target, cgroup=root))
     except Exception:
         for l in links:
             l.close()
@@ -572,10 +564,11 @@ def poll_child(sizes):
     """In a child: fill the socks map with synthetic TCP connections (each
     socket's life and its owner's counters, as the kernel keeps them) and
     time reads and polls; prints one JSON object."""
+    import abi
     import conntrack
     import tracer
     t = tracer.Tracer(max_conns=max(sizes) * 2)
-    socks = t._coll.maps["socks"]
+    socks = t.map("socks")
     now_ns = conntrack.monotonic_ns()
     comm = b"bench".ljust(16, b"\0")
 
@@ -584,13 +577,15 @@ def poll_child(sizes):
 
     def key(i):
         daddr = bytes([127, 1 + (i >> 16) % 200, (i >> 8) & 255, i & 255]).ljust(16, b"\0")
-        return conntrack.CONN_TUPLE.pack(b"\x7f\0\0\x01".ljust(16, b"\0"), daddr, 4026531840,
-                                         0x7ff00000, 40000 + i % 20000, 443, 4, 6, 0, i + 1)
+        return abi.CONN_TUPLE.pack(saddr=b"\x7f\0\0\x01", daddr=daddr, netns=4026531840,
+                                   pid=0x7ff00000, sport=40000 + i % 20000, dport=443, family=4,
+                                   proto=abi.TRACER_PROTO_TCP, life=i + 1)
 
     def value(i, extra=0):
-        stats = conntrack.CONN_STATS.pack(1000 + i + extra, 2000 + i, now_ns, now_ns, 0, 1, 1, 1,
-                                          0, comm, 0, 0)
-        return conntrack.SOCK_INFO.pack(key(i), 1, stats, b"\0" * 12, 0)
+        stats = abi.CONN_STATS.pack(sent_bytes=1000 + i + extra, recv_bytes=2000 + i,
+                                    first_ns=now_ns, last_ns=now_ns, direction=abi.DIR_OUTGOING,
+                                    state=abi.CONN_OPEN, seen_start=1, comm=comm)
+        return abi.SOCK_INFO.pack(tuple=key(i), has_tuple=1, stats=stats)
 
     def timed(fn, n=3):
         xs = []
@@ -600,9 +595,7 @@ def poll_child(sizes):
             xs.append(time.perf_counter() - t0)
         return median(xs)
 
-    dirty = t._coll.maps["dirty"]
-    set_gen = t._table.set_gen
-    conns = t._coll.maps["conns"]
+    dirty = t.map("dirty")
     out = {"sizes": {}}
     filled = 0
     for n in sizes:
@@ -613,7 +606,7 @@ def poll_child(sizes):
         r["items_batch_s"] = timed(socks.items_batch)
         r["items_per_key_s"] = timed(socks.items_per_key, 1 if n >= 100000 else 3)
         r["entries"] = len(socks.items_batch())
-        t._table = conntrack.ConnTable(conns, socks)
+        t.new_table(dirty=False)
         t0 = time.perf_counter()
         first = t.poll()
         r["poll_first_s"] = time.perf_counter() - t0
@@ -631,7 +624,7 @@ def poll_child(sizes):
         r["poll_steady_per_key_s"] = timed(t.poll, 1 if n >= 100000 else 3)
         socks._batch_ok = True
         # the dirty set: the kernel marks changed records, a poll reads those
-        table = conntrack.ConnTable(conns, socks, dirty=dirty, set_gen=set_gen)
+        table = t.new_table()
         table.poll()  # the first poll reads everything
         r["poll_steady_dirty_s"] = timed(table.poll)
         step = max(1, n // 100)

@@ -22,6 +22,7 @@ import tracer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJ = os.path.join(ROOT, "tracer.bpf.o")
+SELFTEST = os.path.join(ROOT, "test", "selftest.bpf.o")
 
 pytestmark = pytest.mark.root
 
@@ -57,6 +58,12 @@ def array_map():
 @pytest.fixture(scope="module")
 def spec():
     return elfload.parse_file(OBJ)
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    """The self-test programs (test/selftest.bpf.c): no offsets needed."""
+    return elfload.parse_file(SELFTEST)
 
 
 def new_fds(before):
@@ -401,9 +408,9 @@ def need_cpu(n):
         pytest.skip("CPU %d not available (need 2 CPUs to show one perf event sees all)" % n)
 
 
-def test_raw_tracepoint_counts_bytes_sent_per_process(spec):
+def test_raw_tracepoint_counts_bytes_sent_per_process(selftest):
     need_tracepoint_backend()
-    with spec.load(["test_send_bytes"]) as coll:
+    with selftest.load(["test_send_bytes"]) as coll:
         link = bpfsys.attach_raw_tracepoint(coll.programs["test_send_bytes"], "sock_send_length")
         try:
             pid = send_from_child([1234, 4321])
@@ -418,10 +425,10 @@ def test_raw_tracepoint_counts_bytes_sent_per_process(spec):
 
 
 @pytest.mark.parametrize("cpu", [0, 1])
-def test_raw_tracepoint_sees_every_cpu(spec, cpu):
+def test_raw_tracepoint_sees_every_cpu(selftest, cpu):
     need_tracepoint_backend()
     need_cpu(cpu)
-    with spec.load(["test_send_bytes"]) as coll:
+    with selftest.load(["test_send_bytes"]) as coll:
         with bpfsys.attach_raw_tracepoint(coll.programs["test_send_bytes"], "sock_send_length"):
             pid = send_from_child([1234, 4321], cpu=cpu)
         assert as_int(coll.maps["test_bytes"].lookup(u32(pid))) == 5555
@@ -448,9 +455,9 @@ def perf_counts_in_child(counts, sizes):
     return sender, deltas
 
 
-def test_perf_tracepoint_is_one_event_on_cpu0_for_any_pid(spec):
+def test_perf_tracepoint_is_one_event_on_cpu0_for_any_pid(selftest):
     need_tracepoint_backend()
-    with spec.load(["test_send_calls_tp"]) as coll:
+    with selftest.load(["test_send_calls_tp"]) as coll:
         before = bpfsys.open_fds()
         with bpfsys.attach_tracepoint(coll.programs["test_send_calls_tp"], "sock", "sock_send_length"):
             assert new_fds(before) == collections.Counter({"anon_inode:[perf_event]": 1})
@@ -459,7 +466,7 @@ def test_perf_tracepoint_is_one_event_on_cpu0_for_any_pid(spec):
 
 @pytest.mark.parametrize("cpu", [0, 1])
 @pytest.mark.parametrize("sizes", [[1234, 4321], [10] * 7], ids=["2_sends", "7_sends"])
-def test_perf_tracepoint_on_cpu0_counts_send_calls_on_every_cpu(spec, cpu, sizes):
+def test_perf_tracepoint_on_cpu0_counts_send_calls_on_every_cpu(selftest, cpu, sizes):
     """The count is system-wide (the program has no pid filter) and other
     processes may send meanwhile: they can only add.  So the child reads
     the counter right around its own sends, ROUNDS times; every round sees
@@ -468,7 +475,7 @@ def test_perf_tracepoint_on_cpu0_counts_send_calls_on_every_cpu(spec, cpu, sizes
     sockets does that) skips the exact check, saying so."""
     need_tracepoint_backend()
     need_cpu(cpu)
-    with spec.load(["test_send_calls_tp"]) as coll:
+    with selftest.load(["test_send_calls_tp"]) as coll:
         with bpfsys.attach_tracepoint(coll.programs["test_send_calls_tp"], "sock", "sock_send_length"):
             rd, wr = os.pipe()
             sender, deltas = perf_counts_in_child(coll.maps["test_counts"], sizes)
@@ -492,14 +499,14 @@ def test_perf_tracepoint_on_cpu0_counts_send_calls_on_every_cpu(spec, cpu, sizes
 
 # --- no fd or kprobe entry left behind -------------------------------------------------------
 
-def test_closing_the_collection_and_links_leaves_no_fd(spec):
+def test_closing_the_collection_and_links_leaves_no_fd(selftest):
     need_tracepoint_backend()
     before = bpfsys.open_fds()
-    coll = spec.load(["test_send_bytes", "test_send_calls_tp"])
+    coll = selftest.load(["test_send_bytes", "test_send_calls_tp"])
     links = [bpfsys.attach_raw_tracepoint(coll.programs["test_send_bytes"], "sock_send_length"),
              bpfsys.attach_tracepoint(coll.programs["test_send_calls_tp"], "sock", "sock_send_length")]
     assert new_fds(before) == collections.Counter({
-        "anon_inode:bpf-map": len(spec.maps), "anon_inode:bpf-prog": 2,
+        "anon_inode:bpf-map": len(selftest.maps), "anon_inode:bpf-prog": 2,
         "anon_inode:bpf_link": 1, "anon_inode:[perf_event]": 1})
     for l in links:
         l.close()
@@ -510,11 +517,11 @@ def test_closing_the_collection_and_links_leaves_no_fd(spec):
     assert coll.maps == {} and coll.programs == {}
 
 
-def test_a_program_failing_to_load_closes_the_maps_already_made(spec):
+def test_a_program_failing_to_load_closes_the_maps_already_made(selftest):
     need_root()
-    broken = elfload.ObjectSpec(spec.path, dict(spec.programs), spec.maps, spec.license,
-                                spec.kern_version)
-    good = spec.programs["test_send_bytes"]
+    broken = elfload.ObjectSpec(selftest.path, dict(selftest.programs), selftest.maps, selftest.license,
+                                selftest.kern_version)
+    good = selftest.programs["test_send_bytes"]
     broken.programs["test_send_bytes"] = elfload.ProgramSpec(
         good.name, good.section, good.prog_type, good.kind, good.target,
         insn(MOV64_REG, 0, 9) + EXIT, [])
@@ -526,10 +533,10 @@ def test_a_program_failing_to_load_closes_the_maps_already_made(spec):
 
 
 BAD_ATTACH = [
-    ("test_send_bytes", "raw_tracepoint", "no_such_tracepoint_xyz",
+    ("guess_sock_send_length", "raw_tracepoint", "no_such_tracepoint_xyz",
      bpfsys.BPFError, "bpf(BPF_RAW_TRACEPOINT_OPEN) for 'no_such_tracepoint_xyz' (program "
-     "'test_send_bytes'): ENOENT"),
-    ("test_send_calls_tp", "tracepoint", "sock/no_such_tracepoint_xyz",
+     "'guess_sock_send_length'): ENOENT"),
+    ("tp_sys_enter_sendto", "tracepoint", "sock/no_such_tracepoint_xyz",
      OSError, "tracepoint sock:no_such_tracepoint_xyz not found"),
 ]
 
@@ -539,13 +546,13 @@ def test_attach_all_failing_midway_detaches_what_it_attached(spec, prog, kind, t
     need_tracepoint_backend()
     plan = backends.plan("tracepoint")
     good = plan[:4] + [(p, k, t) for p, k, t in plan[4:] if k == "tracepoint"][:2]
-    names = [p for p, _, _ in plan] + [alt for alt, _ in backends.PERF_FALLBACK.values()] + [prog]
+    names = [p for p, _, _ in plan] + list(backends.PERF_FALLBACK.values()) + [prog]
     before = bpfsys.open_fds()
     coll = spec.load(names)
     try:
         loaded = bpfsys.open_fds()
         with pytest.raises(exc) as info:
-            backends.attach_all(coll, "tracepoint", good + [(prog, kind, target)] + plan[4:])
+            backends.attach_all(coll, good + [(prog, kind, target)] + plan[4:])
         assert message in str(info.value)
         assert bpfsys.open_fds() == loaded  # every link of the good ones closed
         assert bpfsys.our_kprobe_events() == []

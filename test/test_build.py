@@ -1,5 +1,6 @@
-"""tracer.bpf.o is what `make` builds from the checked-in source, byte for
-byte, wherever the checkout lives and however often it is built."""
+"""tracer.bpf.o and the tests' test/selftest.bpf.o are what `make` builds
+from the checked-in sources, byte for byte, wherever the checkout lives and
+however often they are built."""
 
 import os
 import shutil
@@ -8,7 +9,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ("tracer.bpf.c", "tracer.bpf.h", "Makefile")
+SOURCES = ("tracer.bpf.c", "tracer.bpf.h", "Makefile", "test/selftest.bpf.c")
+OBJECTS = ("tracer.bpf.o", "test/selftest.bpf.o")
 
 
 def need_toolchain():
@@ -19,20 +21,27 @@ def need_toolchain():
 
 
 def build(directory):
-    """Copy the sources into directory, run make there, return the object."""
-    os.makedirs(directory)
+    """Copy the sources into directory, run make there, return the objects'
+    bytes, one after the other."""
+    os.makedirs(os.path.join(directory, "test"))
     for name in SOURCES:
-        shutil.copy(os.path.join(ROOT, name), directory)
+        shutil.copy(os.path.join(ROOT, name), os.path.join(directory, name))
     proc = subprocess.run(["make", "-s"], cwd=directory, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, universal_newlines=True)
     assert proc.returncode == 0, "make failed in %s:\n%s" % (directory, proc.stdout)
-    with open(os.path.join(directory, "tracer.bpf.o"), "rb") as f:
-        return f.read()
+    return _read(directory)
+
+
+def _read(directory):
+    out = b""
+    for name in OBJECTS:
+        with open(os.path.join(directory, name), "rb") as f:
+            out += f.read()
+    return out
 
 
 def checked_in():
-    with open(os.path.join(ROOT, "tracer.bpf.o"), "rb") as f:
-        return f.read()
+    return _read(ROOT)
 
 
 def first_difference(a, b):
@@ -50,7 +59,7 @@ def first_build(tmp_path_factory):
 def test_checked_in_object_matches_a_fresh_build(first_build):
     fresh = first_build
     old = checked_in()
-    assert fresh == old, "tracer.bpf.o is stale (run make and commit it): " + \
+    assert fresh == old, "tracer.bpf.o or test/selftest.bpf.o is stale (run make and commit): " + \
         first_difference(fresh, old)
 
 

@@ -7,6 +7,7 @@ does not share code with elfload.
 """
 
 import os
+import re
 import struct
 
 import pytest
@@ -19,55 +20,18 @@ import elfload
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJ = os.path.join(ROOT, "tracer.bpf.o")
 
+SELFTEST = os.path.join(ROOT, "test", "selftest.bpf.o")
+
+
+def c_sections(source):
+    """{program: ELF section} as the SEC() lines of a C source give them."""
+    with open(os.path.join(ROOT, source)) as f:
+        return dict((name, sec) for sec, name in
+                    re.findall(r'^SEC\("([^"]+)"\)\nint (\w+)\(', f.read(), re.M))
+
+
 # program -> ELF section (SEC() in tracer.bpf.c)
-PROGRAM_SECTIONS = {
-    "cg_recvmsg4": "cgroup/recvmsg4",
-    "cg_recvmsg6": "cgroup/recvmsg6",
-    "cg_sendmsg4": "cgroup/sendmsg4",
-    "cg_sendmsg6": "cgroup/sendmsg6",
-    "guess_sock_send_length": "raw_tracepoint/sock_send_length",
-    "guess_tcp_sendmsg": "kprobe/tcp_sendmsg",
-    "guess_udp_sendmsg": "kprobe/udp_sendmsg",
-    "guess_skb_consume_udp": "kprobe/skb_consume_udp",
-    "guess_inet_sock_set_state": "raw_tracepoint/inet_sock_set_state",
-    "kp_skb_consume_udp": "kprobe/skb_consume_udp",
-    "kp_tcp_recvmsg": "kprobe/tcp_recvmsg",
-    "kp_tcp_recvmsg_pre_5_19": "kprobe/tcp_recvmsg",
-    "kp_tcp_sendmsg": "kprobe/tcp_sendmsg",
-    "kp_tcp_sendpage": "kprobe/tcp_sendpage",
-    "kp_tcp_set_state": "kprobe/tcp_set_state",
-    "kp_udp_sendmsg": "kprobe/udp_sendmsg",
-    "kp_udpv6_sendmsg": "kprobe/udpv6_sendmsg",
-    "krp_inet_csk_accept": "kretprobe/inet_csk_accept",
-    "krp_tcp_recvmsg": "kretprobe/tcp_recvmsg",
-    "krp_tcp_sendmsg": "kretprobe/tcp_sendmsg",
-    "krp_tcp_sendpage": "kretprobe/tcp_sendpage",
-    "krp_udp_sendmsg": "kretprobe/udp_sendmsg",
-    "krp_udpv6_sendmsg": "kretprobe/udpv6_sendmsg",
-    "test_send_bytes": "raw_tracepoint/sock_send_length",
-    "test_send_calls_tp": "tracepoint/sock/sock_send_length",
-    "test_tcp_v4_connect": "kprobe/tcp_v4_connect",
-    "test_tcp_v4_connect_ret": "kretprobe/tcp_v4_connect",
-    "tp_inet_sock_set_state": "tracepoint/sock/inet_sock_set_state",
-    "tp_sock_recv_length": "raw_tracepoint/sock_recv_length",
-    "tp_sk_data_ready": "raw_tracepoint/sk_data_ready",
-    "tp_sock_send_length": "raw_tracepoint/sock_send_length",
-    "tp_sys_enter_recvfrom": "tracepoint/syscalls/sys_enter_recvfrom",
-    "tp_sys_enter_recvmsg": "tracepoint/syscalls/sys_enter_recvmsg",
-    "tp_sys_enter_sendmsg": "tracepoint/syscalls/sys_enter_sendmsg",
-    "tp_sys_enter_sendto": "tracepoint/syscalls/sys_enter_sendto",
-    "tp_sys_exit_recvfrom": "tracepoint/syscalls/sys_exit_recvfrom",
-    "tp_sys_exit_recvmsg": "tracepoint/syscalls/sys_exit_recvmsg",
-    "tp_sys_exit_sendmsg": "tracepoint/syscalls/sys_exit_sendmsg",
-    "tp_sys_exit_sendto": "tracepoint/syscalls/sys_exit_sendto",
-    "tp_tcp_retransmit_skb": "raw_tracepoint/tcp_retransmit_skb",
-    "tp_tcp_retransmit_skb_err": "raw_tracepoint/tcp_retransmit_skb",
-    "tp_tcp_destroy_sock": "raw_tracepoint/tcp_destroy_sock",
-    "tp_tcp_retransmit_synack": "raw_tracepoint/tcp_retransmit_synack",
-    "tpp_sock_recv_length": "tracepoint/sock/sock_recv_length",
-    "tpp_sock_send_length": "tracepoint/sock/sock_send_length",
-    "tpp_tcp_retransmit_skb": "tracepoint/tcp/tcp_retransmit_skb",
-}
+PROGRAM_SECTIONS = c_sections("tracer.bpf.c")
 
 # section prefix -> (kind, BPF_PROG_TYPE_* number from include/uapi/linux/bpf.h)
 KINDS = {"kprobe/": ("kprobe", 2), "kretprobe/": ("kretprobe", 2),
@@ -90,6 +54,18 @@ def data():
 @pytest.fixture(scope="module")
 def spec(data):
     return elfload.parse(data, OBJ)
+
+
+@pytest.fixture(scope="module")
+def selftest_data():
+    """The self-test programs' object (test/selftest.bpf.c)."""
+    with open(SELFTEST, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def selftest_spec(selftest_data):
+    return elfload.parse(selftest_data, SELFTEST)
 
 
 # --- a small independent ELF reader, for checking and patching ----------------
@@ -182,11 +158,11 @@ def test_program_types_are_the_kernel_numbers():
             bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, bpfsys.BPF_PROG_TYPE_SOCKET_FILTER) == (2, 5, 17, 1)
 
 
-def test_tracepoint_targets_are_category_slash_name(spec):
-    assert spec.programs["test_send_calls_tp"].target == "sock/sock_send_length"
-    assert spec.programs["test_send_bytes"].target == "sock_send_length"
-    assert spec.programs["test_tcp_v4_connect"].target == "tcp_v4_connect"
-    assert spec.programs["test_tcp_v4_connect_ret"].kind == "kretprobe"
+def test_tracepoint_targets_are_category_slash_name(selftest_spec):
+    assert selftest_spec.programs["test_send_calls_tp"].target == "sock/sock_send_length"
+    assert selftest_spec.programs["test_send_bytes"].target == "sock_send_length"
+    assert selftest_spec.programs["test_tcp_v4_connect"].target == "tcp_v4_connect"
+    assert selftest_spec.programs["test_tcp_v4_connect_ret"].kind == "kretprobe"
 
 
 def test_program_code_is_the_function_symbol_bytes(spec, data):
@@ -200,21 +176,13 @@ def test_program_code_is_the_function_symbol_bytes(spec, data):
         assert len(p.insns) % 8 == 0 and len(p.insns) > 0, name
 
 
-def test_every_program_the_backends_attach_is_in_the_object(spec):
-    for prog, kind, target, _ in backends.TRACEPOINT_PROGRAMS:
-        for variant in set([prog.rstrip("?").format(err=""), prog.rstrip("?").format(err="_err")]):
-            assert (spec.programs[variant].kind, spec.programs[variant].target) == (kind, target)
-    for prog, kind, target in backends.SYSCALL_FALLBACK:
-        assert (spec.programs[prog].kind, spec.programs[prog].target) == (kind, target)
-    for prog, (alt, target) in backends.PERF_FALLBACK.items():
-        assert (spec.programs[alt].kind, spec.programs[alt].target) == ("tracepoint", target)
-    for prog, kind, func, _ in backends.KPROBE_PROGRAMS:
-        for variant in set([prog.format(recv="", err=""), prog.format(recv="_pre_5_19", err="_err")]):
-            assert (spec.programs[variant].kind, spec.programs[variant].target) == (
-                kind, func.rstrip("?")), variant
-    for backend, progs in backends.GUESS_PROGRAMS.items():
-        for prog, kind, target in progs:
-            assert (spec.programs[prog].kind, spec.programs[prog].target) == (kind, target)
+def test_the_object_holds_exactly_the_programs_of_the_backends(spec):
+    assert sorted(spec.programs) == sorted(abi.all_programs())
+    for b in backends.REGISTRY:
+        for pattern, _ in b.programs:
+            for name in backends.variants(pattern):
+                assert spec.programs[name].kind in ("kprobe", "kretprobe", "tracepoint",
+                                                    "raw_tracepoint", "cgroup"), name
 
 
 def test_maps_have_exact_types_and_sizes(spec):
@@ -230,10 +198,10 @@ def test_license_is_gpl_and_version_is_the_placeholder(spec):
     assert spec.kern_version == 0xFFFFFFFE
 
 
-def test_relocations_of_the_self_test_programs(spec):
-    assert spec.programs["test_send_bytes"].relocs == [
+def test_relocations_of_the_self_test_programs(selftest_spec):
+    assert selftest_spec.programs["test_send_bytes"].relocs == [
         (13, "test_bytes"), (21, "test_bytes"), (26, "test_bytes")]
-    assert spec.programs["test_send_calls_tp"].relocs == [(4, "test_counts")]
+    assert selftest_spec.programs["test_send_calls_tp"].relocs == [(4, "test_counts")]
 
 
 def test_every_relocation_is_an_ld_imm64_of_a_map(spec, data):
@@ -276,9 +244,9 @@ def test_parsing_needs_no_privilege():
 def test_loading_an_unknown_program_name_is_refused_before_any_fd(spec):
     before = bpfsys.open_fds()
     with pytest.raises(elfload.ObjectError) as info:
-        spec.load(["test_send_bytes", "no_such_prog"])
+        spec.load(["kp_tcp_sendmsg", "no_such_prog"])
     assert "no program named 'no_such_prog'" in str(info.value)
-    assert "test_send_bytes" in str(info.value)  # lists what there is
+    assert "kp_tcp_sendmsg" in str(info.value)  # lists what there is
     assert bpfsys.open_fds() == before
 
 
@@ -397,49 +365,49 @@ def _first_rel(elf, function):
                 and sym["value"] <= r[2] < sym["value"] + sym["size"])
 
 
-def test_relocation_against_a_symbol_that_is_not_a_map(data):
-    elf = Elf(data)
+def test_relocation_against_a_symbol_that_is_not_a_map(selftest_data):
+    elf = Elf(selftest_data)
     at, sec, r_off, _, rtype = _first_rel(elf, "test_send_calls_tp")
     lic = elf.symbol("_license")["index"]
-    broken = patched(data, at + 8, "<Q", (lic << 32) | rtype)
+    broken = patched(selftest_data, at + 8, "<Q", (lic << 32) | rtype)
     rejected(broken, "program test_send_calls_tp refers to '_license', which is not a map")
 
 
-def test_relocation_against_a_function_symbol(data):
-    elf = Elf(data)
+def test_relocation_against_a_function_symbol(selftest_data):
+    elf = Elf(selftest_data)
     at, sec, r_off, _, rtype = _first_rel(elf, "test_send_bytes")
     fn = elf.symbol("test_send_calls_tp")["index"]
-    broken = patched(data, at + 8, "<Q", (fn << 32) | rtype)
+    broken = patched(selftest_data, at + 8, "<Q", (fn << 32) | rtype)
     rejected(broken, "program test_send_bytes refers to 'test_send_calls_tp', which is not a map")
 
 
-def test_relocation_against_a_missing_symbol(data):
-    elf = Elf(data)
+def test_relocation_against_a_missing_symbol(selftest_data):
+    elf = Elf(selftest_data)
     at, sec, r_off, _, rtype = _first_rel(elf, "test_send_bytes")
-    broken = patched(data, at + 8, "<Q", (60000 << 32) | rtype)
+    broken = patched(selftest_data, at + 8, "<Q", (60000 << 32) | rtype)
     rejected(broken, "relocation in test_send_bytes names symbol 60000, which does not exist")
 
 
-def test_relocation_of_the_wrong_type(data):
-    elf = Elf(data)
+def test_relocation_of_the_wrong_type(selftest_data):
+    elf = Elf(selftest_data)
     at, sec, r_off, sym, _ = _first_rel(elf, "test_send_calls_tp")
-    broken = patched(data, at + 8, "<Q", (sym << 32) | 10)
+    broken = patched(selftest_data, at + 8, "<Q", (sym << 32) | 10)
     rejected(broken, "program test_send_calls_tp: relocation type 10 at instruction 4 is not a map load")
 
 
-def test_relocation_outside_every_function(data):
-    elf = Elf(data)
+def test_relocation_outside_every_function(selftest_data):
+    elf = Elf(selftest_data)
     at, sec, r_off, sym, rtype = _first_rel(elf, "test_send_calls_tp")
-    broken = patched(data, at, "<Q", sec["size"] + 8)
+    broken = patched(selftest_data, at, "<Q", sec["size"] + 8)
     rejected(broken, "relocation at %s+%d is outside every function" % (sec["name"], sec["size"] + 8))
 
 
-def test_map_definition_past_the_maps_section(data):
-    elf = Elf(data)
+def test_map_definition_past_the_maps_section(selftest_data):
+    elf = Elf(selftest_data)
     maps = elf.section("maps")
     sym = elf.symbol("test_bytes")
     symtab_entry = elf.symtab["offset"] + sym["index"] * 24
-    broken = patched(data, symtab_entry + 8, "<Q", maps["size"] - 4)  # st_value
+    broken = patched(selftest_data, symtab_entry + 8, "<Q", maps["size"] - 4)  # st_value
     rejected(broken, "map test_bytes: definition runs past the maps section")
 
 
@@ -567,20 +535,20 @@ def test_a_function_without_a_name(data):
              "a function in section 'kprobe/tcp_sendmsg' at byte %d has no name" % sym["value"])
 
 
-def test_relocation_inside_an_instruction(data):
-    elf = Elf(data)
+def test_relocation_inside_an_instruction(selftest_data):
+    elf = Elf(selftest_data)
     at, sec, r_off, sym, rtype = _first_rel(elf, "test_send_calls_tp")
-    rejected(patched(data, at, "<Q", r_off + 4),
+    rejected(patched(selftest_data, at, "<Q", r_off + 4),
              "program test_send_calls_tp: relocation type 1 at instruction 4 is not a map load")
 
 
-def test_map_load_that_is_the_last_instruction(data):
+def test_map_load_that_is_the_last_instruction(selftest_data):
     # an ld_imm64 takes two instructions: the second must be in the program
-    elf = Elf(data)
+    elf = Elf(selftest_data)
     sym = elf.symbol("test_send_calls_tp")
     _, _, r_off, _, _ = _first_rel(elf, "test_send_calls_tp")
     idx = (r_off - sym["value"]) // 8
-    rejected(patched(data, _symbol_field(elf, sym, 16), "<Q", (idx + 1) * 8),
+    rejected(patched(selftest_data, _symbol_field(elf, sym, 16), "<Q", (idx + 1) * 8),
              "program test_send_calls_tp: the map load at instruction %d runs past its end" % idx)
 
 
@@ -595,7 +563,7 @@ def test_a_name_with_a_line_break_stays_on_one_line(data):
 def test_load_refuses_entries_out_of_range_before_any_fd(spec, entries):
     before = bpfsys.open_fds()
     with pytest.raises(elfload.ObjectError) as info:
-        spec.load(["test_send_bytes"], {"conns": entries})
+        spec.load(["kp_tcp_sendmsg"], {"conns": entries})
     assert str(info.value) == "%s: map 'conns' cannot have %d entries (1 to 4294967295)" % (
         OBJ, entries)
     assert bpfsys.open_fds() == before
@@ -603,6 +571,6 @@ def test_load_refuses_entries_out_of_range_before_any_fd(spec, entries):
 
 def test_load_refuses_resizing_a_map_it_does_not_have(spec):
     with pytest.raises(elfload.ObjectError) as info:
-        spec.load(["test_send_bytes"], {"no_such_map": 5})
+        spec.load(["kp_tcp_sendmsg"], {"no_such_map": 5})
     assert str(info.value).startswith("%s: no map named 'no_such_map' to resize (have: conns, "
                                       % OBJ)

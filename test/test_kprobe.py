@@ -61,7 +61,7 @@ def test_tcp_v4_connect_kprobe_and_kretprobe_count_connections(method):
         pytest.skip("no kprobe PMU on %s" % os.uname()[2])
     if method == "tracefs" and bpfsys.kprobe_events_path() is None:
         pytest.skip("no tracefs kprobe_events on %s" % os.uname()[2])
-    spec = elfload.parse_file(os.path.join(ROOT, "tracer.bpf.o"))
+    spec = elfload.parse_file(os.path.join(ROOT, "test", "selftest.bpf.o"))
     with spec.load(["test_tcp_v4_connect", "test_tcp_v4_connect_ret"]) as coll:
         entry = bpfsys.attach_kprobe(coll.programs["test_tcp_v4_connect"], "tcp_v4_connect",
                                      method=method)

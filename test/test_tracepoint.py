@@ -235,10 +235,11 @@ def test_without_cgroup2_the_syscall_tracepoints_give_the_udp_peers(monkeypatch)
 
 def _kernel_entries(t):
     """(pid, proto, lport, rport) of every record the kernel holds."""
+    import abi
     import conntrack
     out = []
     for k, v in t._coll.maps["socks"].items():
-        tup = conntrack.decode_tuple(v[conntrack.SOCK_INFO_TUPLE])
+        tup = conntrack.decode_tuple(abi.SOCK_INFO.unpack(v).tuple)
         out.append((tup[2], tup[0], tup[4], tup[6]))
     for k, v in t._coll.maps["conns"].items():
         tup = conntrack.decode_tuple(k)
