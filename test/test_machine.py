@@ -1,9 +1,7 @@
 """x86-64 only (issue 13): on another machine the library, the command line
 and --check say so in one line, before anything touches the kernel."""
 
-import io
 import platform
-import sys
 
 import pytest
 
