@@ -66,7 +66,7 @@ _COUNTER = (U64, "__u64")
 MAPS = (
     _map("conns", HASH, _TUPLE, (conntrack.CONN_STATS.size, "struct conn_stats"), CONN_TABLE_ENTRIES),
     _map("socks", HASH, _SOCK, (conntrack.SOCK_INFO.size, "struct sock_info"), CONN_TABLE_ENTRIES),
-    _map("stash", HASH, _TID, (STASH.size, "struct stash"), 16384),
+    _map("stash", LRU_HASH, _TID, (STASH.size, "struct stash"), 16384),
     _map("dirty", HASH, _TUPLE, (U64, "__u64 struct sock address"), CONN_TABLE_ENTRIES),
     _map("skip_socks", LRU_HASH, _SOCK, (U32, "__u32 SKIP_*"), 16384),
     _map("udp_next", LRU_HASH, _SOCK, (PEER.size, "struct peer"), 16384),

@@ -390,8 +390,8 @@ class ConnTable(object):
             t = active.get(i)
             if t is None:
                 active[i] = now_ns
-            elif len(i) == _SOCK_ID:
-                if t < tcp_before:
+            elif len(i) == _SOCK_ID:  # a socket's own entry: TCP life, or a UDP socket's first flow
+                if t < (tcp_before if cur[i][_PROTO_OFFSET] == 6 else udp_before):
                     idle_socks.append(i)
             elif t < (tcp_before if i[_PROTO_OFFSET] == 6 else udp_before):
                 idle.append(i)
