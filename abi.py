@@ -290,7 +290,7 @@ def _struct(s):
 MAPS = (
     _map("conns", HASH, _TUPLE, _struct(CONN_STATS), CONN_TABLE_ENTRIES),
     _map("socks", HASH, _SOCK, _struct(SOCK_INFO), CONN_TABLE_ENTRIES),
-    _map("stash", HASH, _TID, _struct(STASH), PER_THREAD_ENTRIES),
+    _map("stash", LRU_HASH, _TID, _struct(STASH), PER_THREAD_ENTRIES),
     _map("dirty", HASH, _TUPLE, (U64, "__u64 struct sock address"), CONN_TABLE_ENTRIES),
     _map("skip_socks", LRU_HASH, _SOCK, (U32, "__u32 SKIP_*"), PER_THREAD_ENTRIES),
     _map("udp_next", LRU_HASH, _SOCK, _struct(PEER), PER_THREAD_ENTRIES),

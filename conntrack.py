@@ -265,10 +265,13 @@ class ConnTable(object):
         expire = now_ns >= self.next_full_ns
         if expire:
             self.next_full_ns = now_ns + self.full_every_ns
-            idle = self._idle(cur, now_ns)
-            if self.keep_expired:
-                self.expired_udp.extend(self._conn(k, cur[k], cur[k], start, now_ns, unchanged=True)
-                                        for k in idle if k[_PROTO_OFFSET] == _UDP)
+            idle, idle_socks = self._idle(cur, now_ns)
+            if self.keep_expired:  # UDP flows, in conns or in their socket's entry
+                flows = [(k, cur[k]) for k in idle if k[_PROTO_OFFSET] == _UDP]
+                flows += [(v[SOCK_INFO_TUPLE], v[SOCK_INFO_STATS]) for v in idle_socks
+                          if v[_PROTO_OFFSET] == _UDP]
+                self.expired_udp.extend(self._conn(k, v, v, start, now_ns, unchanged=True)
+                                        for k, v in flows)
             gone.extend(idle)
         if gone:
             self.conns.delete_keys(gone)
@@ -404,8 +407,9 @@ class ConnTable(object):
         return [(k, s, o) for k, (s, o) in now.items()]
 
     def _idle(self, cur, now_ns):
-        """Keys of the conns records idle past their protocol's limit; idle
-        socks entries are deleted here (and dropped from cur).  Idle: no
+        """Keys of the conns records idle past their protocol's limit, and
+        the values of the idle socks entries, which are deleted here (and
+        dropped from cur).  Idle: no
         counter moved in any poll since the limit (the kernel marks every
         change, and reads no clock on the hot path)."""
         udp_before, tcp_before = now_ns - self.udp_idle_ns, now_ns - self.tcp_idle_ns
@@ -415,13 +419,14 @@ class ConnTable(object):
             t = active.get(i)
             if t is None:
                 active[i] = now_ns
-            elif len(i) == _SOCK_ID:
-                if t < tcp_before:
+            elif len(i) == _SOCK_ID:  # a socket's own entry: TCP life, or a UDP socket's first flow
+                if t < (tcp_before if cur[i][_PROTO_OFFSET] == _TCP else udp_before):
                     idle_socks.append(i)
             elif t < (tcp_before if i[_PROTO_OFFSET] == _TCP else udp_before):
                 idle.append(i)
         # only entries the kernel still holds as they were (not a new life)
         idle_socks = [i for i in idle_socks if self.socks.lookup(i) in (cur[i], None)]
+        values = [cur[i] for i in idle_socks]
         if idle_socks:
             self.socks.delete_keys(idle_socks)
             for i in idle_socks:
@@ -429,7 +434,7 @@ class ConnTable(object):
         for i in idle_socks + idle:
             active.pop(i, None)
         self.expired += len(idle) + len(idle_socks)
-        return idle
+        return idle, values
 
     def _prune(self, cur):
         """After a full read: forget what no longer exists."""

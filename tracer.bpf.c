@@ -36,11 +36,14 @@ static long (*bpf_ringbuf_output)(void *ringbuf, void *data, __u64 size, __u64 f
 
 MAP(conns, BPF_MAP_TYPE_HASH, sizeof(struct conn_tuple), sizeof(struct conn_stats), 65536);
 MAP(socks, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct sock_info), 65536);
-/* per-thread state of one syscall, taken by its later hook.  A plain hash
- * (an LRU update costs twice as much on the hot path): an entry a syscall
- * left behind (a kretprobe missed) is overwritten by the thread's next
- * call, and a full map is counted (stash_lost). */
-MAP(stash, BPF_MAP_TYPE_HASH, sizeof(__u64), sizeof(struct stash), 16384);
+/* per-thread state of one syscall, taken by its later hook.  An LRU whose
+ * entries are written and cleared in place (stash_put, stash_clear): after
+ * a thread's first call, a call costs two lookups, no map update or
+ * delete; the entries of threads that ended are evicted when it is full
+ * (one that a call is using is recently used, so not evicted first).  An
+ * entry a syscall left behind (a kretprobe missed) is overwritten by the
+ * thread's next call. */
+MAP(stash, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct stash), 16384);
 /* Records changed since the poll generation began, with where they live
  * (value: the struct sock address of a socks entry, 0 for conns): the
  * poll drains it, so a poll costs what changed, not the table size. */
@@ -215,7 +218,7 @@ INLINE void unmap_v4(struct conn_tuple *t)
 /* The tuple from one probe read of the start of struct sock (where the
  * guessed fields all lie there, as on every x86-64 kernel seen): the
  * fields are then loads from a per-CPU copy, not seven helper calls. */
-INLINE int read_tuple_block(const void *sk, struct offsets *o, struct conn_tuple *t)
+INLINE int read_tuple_block(const void *sk, struct offsets *o, struct conn_tuple *t, unsigned long *netp)
 {
 	__u32 zero = 0;
 	__u8 *b = bpf_map_lookup_elem(&skc_copy, &zero);
@@ -242,13 +245,19 @@ INLINE int read_tuple_block(const void *sk, struct offsets *o, struct conn_tuple
 	__builtin_memcpy(&dport, b + (o->dport & (SKC_BLOCK - 1)), 2);
 	t->dport = swap16(dport);
 	__builtin_memcpy(&net, b + (o->net & (SKC_BLOCK - 1)), 8);
-	if (net)
+	if (netp)
+		*netp = net;
+	else if (net)
 		kread(&t->netns, sizeof(t->netns), (void *)(net + o->netns_inum));
 	unmap_v4(t);
 	return 0;
 }
 
-INLINE int read_tuple(const void *sk, struct offsets *o, __u32 pid, __u8 proto, struct conn_tuple *t)
+/* netp: where to leave the struct net pointer instead of reading the
+ * namespace's inode number into t->netns (the caller reads it with
+ * read_netns when it needs it) */
+INLINE int read_tuple_net(const void *sk, struct offsets *o, __u32 pid, __u8 proto, struct conn_tuple *t,
+			  unsigned long *netp)
 {
 	__u16 family = 0, dport = 0;
 	unsigned long net = 0;
@@ -257,7 +266,7 @@ INLINE int read_tuple(const void *sk, struct offsets *o, __u32 pid, __u8 proto, 
 	t->pid = pid;
 	t->proto = proto;
 	if (o->skc_block)
-		return read_tuple_block(sk, o, t);
+		return read_tuple_block(sk, o, t, netp);
 	kread(&family, sizeof(family), sk + o->family);
 	if (family == AF_INET) {
 		t->family = 4;
@@ -274,10 +283,23 @@ INLINE int read_tuple(const void *sk, struct offsets *o, __u32 pid, __u8 proto, 
 	kread(&dport, sizeof(dport), sk + o->dport);
 	t->dport = swap16(dport);
 	kread(&net, sizeof(net), sk + o->net);
-	if (net)
+	if (netp)
+		*netp = net;
+	else if (net)
 		kread(&t->netns, sizeof(t->netns), (void *)(net + o->netns_inum));
 	unmap_v4(t);
 	return 0;
+}
+
+INLINE int read_tuple(const void *sk, struct offsets *o, __u32 pid, __u8 proto, struct conn_tuple *t)
+{
+	return read_tuple_net(sk, o, pid, proto, t, 0);
+}
+
+INLINE void read_netns(struct conn_tuple *t, unsigned long net, struct offsets *o)
+{
+	if (net)
+		kread(&t->netns, sizeof(t->netns), (void *)(net + o->netns_inum));
 }
 
 INLINE __u16 read_protocol(const void *sk, struct offsets *o)
@@ -492,7 +514,9 @@ INLINE void close_life(struct sock_info *si, struct offsets *o, __u64 key)
  * owner's record moves from socks to conns, where the poll finds it. */
 INLINE void end_life(__u64 key, struct sock_info *si, struct offsets *o)
 {
-	close_life(si, o, key);
+	if (si->tuple.proto == TRACER_PROTO_TCP)
+		close_life(si, o, key);
+	/* (a UDP socket's flow has no close: it moves to conns open, and expires) */
 	if (si->has_tuple && si->tuple.pid) {
 		si->stats.gen = o->gen;
 		if (bpf_map_update_elem(&conns, &si->tuple, &si->stats, BPF_ANY))
@@ -503,8 +527,16 @@ INLINE void end_life(__u64 key, struct sock_info *si, struct offsets *o)
 	bpf_map_delete_elem(&socks, &key);
 }
 
-/* Start a new life on sk: whatever entry was there ends first.  pid 0:
- * owner not known yet (passive open: the first process to use it). */
+INLINE int same_tuple(const struct conn_tuple *a, const struct conn_tuple *b)
+{
+	return !differ16(a->saddr, b->saddr) && !differ16(a->daddr, b->daddr) &&
+	       a->sport == b->sport && a->dport == b->dport && a->family == b->family &&
+	       a->netns == b->netns;
+}
+
+/* Start a new life on sk: whatever entry was there ends first (unless it
+ * is this very life, open with the same tuple).  pid 0: owner not known
+ * yet (passive open: the first process to use it). */
 INLINE struct sock_info *new_life(const void *sk, struct offsets *o, __u32 pid, __u8 dir,
 				  int read_now, int seen_start)
 {
@@ -512,13 +544,26 @@ INLINE struct sock_info *new_life(const void *sk, struct offsets *o, __u32 pid, 
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 	struct sock_info fresh = {};
 
+	if (read_now) {
+		if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &fresh.tuple)) {
+			if (si)
+				end_life(key, si, o);
+			return 0;
+		}
+		fresh.has_tuple = 1;
+		/* the same open life, made meanwhile on another CPU: accept()
+		 * can return the socket (claim_sock) before the handshake's
+		 * last step set it ESTABLISHED (tcp_state), in either order */
+		if (si && si->tuple.proto == TRACER_PROTO_TCP && si->has_tuple &&
+		    si->stats.state == CONN_OPEN && same_tuple(&si->tuple, &fresh.tuple)) {
+			if (seen_start)
+				si->stats.seen_start = 1;
+			return si;
+		}
+	}
 	if (si)
 		end_life(key, si, o);
-	if (read_now) {
-		if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &fresh.tuple))
-			return 0;
-		fresh.has_tuple = 1;
-	} else {
+	if (!read_now) {
 		fresh.tuple.pid = pid;
 		fresh.tuple.proto = TRACER_PROTO_TCP;
 	}
@@ -556,6 +601,8 @@ INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u32 tgi
 	__u64 key = (__u64)sk;
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 
+	if (si && si->tuple.proto != TRACER_PROTO_TCP)
+		si = 0; /* a UDP socket's entry left in this memory: replaced */
 	if (!si) {
 		if (bpf_map_lookup_elem(&skip_socks, &key))
 			return 0;
@@ -656,13 +703,6 @@ INLINE void tcp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
 		count_other(si, o, tgid, sent, recv);
 }
 
-INLINE int same_tuple(const struct conn_tuple *a, const struct conn_tuple *b)
-{
-	return !differ16(a->saddr, b->saddr) && !differ16(a->daddr, b->daddr) &&
-	       a->sport == b->sport && a->dport == b->dport && a->family == b->family &&
-	       a->netns == b->netns;
-}
-
 INLINE void take_synack_retrans(struct sock_info *si)
 {
 	struct conn_tuple t;
@@ -689,6 +729,8 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldst
 		return;
 	}
 	si = bpf_map_lookup_elem(&socks, &key);
+	if (si && si->tuple.proto != TRACER_PROTO_TCP)
+		si = 0; /* a UDP socket's entry left in this memory (new_life replaces it) */
 	if (newstate == TCP_ESTABLISHED) {
 		struct conn_tuple now;
 		if (si && !si->has_tuple && si->stats.state == CONN_OPEN) { /* our connect() */
@@ -790,7 +832,7 @@ INLINE void tcp_retransmit(const void *sk, const void *skb)
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 	__u16 segs = 0;
 
-	if (!o || !si)
+	if (!o || !si || si->tuple.proto != TRACER_PROTO_TCP)
 		return; /* SYN retransmits before our connect() entry: none */
 	if (skb)
 		kread(&segs, sizeof(segs), skb + SKB_TCP_GSO_SEGS);
@@ -881,16 +923,19 @@ INLINE void peer_from_skb(struct peer *p, const void *skb, struct offsets *o)
 	p->port = ((__u16)h[SKB_HDRS - 8] << 8) | h[SKB_HDRS - 7];
 }
 
+/* struct sk_buff_head: next, prev, qlen (u32): one probe read */
 INLINE unsigned long queue_head(const void *sk, __u32 off, __u32 *qlen)
 {
-	unsigned long head = 0;
-	__u32 n = 0;
+	unsigned long q[3];
+	__u32 n;
 
-	if (bpf_probe_read_kernel(&head, sizeof(head), sk + off) ||
-	    bpf_probe_read_kernel(&n, sizeof(n), sk + off + 16) || !n)
+	if (bpf_probe_read_kernel(q, 20, sk + off))
+		return 0;
+	n = (__u32)q[2];
+	if (!n)
 		return 0;
 	*qlen += n;
-	return head;
+	return q[0];
 }
 
 /* Remember the source of the next datagram a read of sk will return: the
@@ -898,7 +943,7 @@ INLINE unsigned long queue_head(const void *sk, __u32 off, __u32 *qlen)
  * the whole receive queue to the reader queue when that is empty).  only_if:
  * with only_if 1, leave a remembered peer alone unless the queue holds just
  * the datagram that was queued now (the socket was empty before). */
-INLINE void note_next_peer(const void *sk, struct offsets *o, int only_if)
+INLINE void note_next_peer_at(const void *sk, struct offsets *o, int only_if, struct peer *cur)
 {
 	__u64 key = (__u64)sk;
 	unsigned long skb, skb2;
@@ -909,7 +954,6 @@ INLINE void note_next_peer(const void *sk, struct offsets *o, int only_if)
 	skb2 = queue_head(sk, o->sk_rcvq, &qlen);
 	if (!skb)
 		skb = skb2;
-	struct peer *cur = bpf_map_lookup_elem(&udp_next, &key);
 
 	if (only_if && qlen > 1 && cur && cur->family)
 		return;
@@ -921,45 +965,193 @@ INLINE void note_next_peer(const void *sk, struct offsets *o, int only_if)
 		bpf_map_update_elem(&udp_next, &key, &p, BPF_ANY);
 }
 
+INLINE void note_next_peer(const void *sk, struct offsets *o, int only_if)
+{
+	__u64 key = (__u64)sk;
+	note_next_peer_at(sk, o, only_if, bpf_map_lookup_elem(&udp_next, &key));
+}
+
+/* The thread's stash entry, written in place where it has one. */
+INLINE void stash_put(struct stash *st)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct stash *cur = bpf_map_lookup_elem(&stash, &id);
+
+	if (cur)
+		__builtin_memcpy(cur, st, sizeof(*cur));
+	else if (bpf_map_update_elem(&stash, &id, st, BPF_ANY))
+		tele_add(TELE_STASH_LOST);
+}
+
+/* Taken: empty until the thread's next stash_put. */
+INLINE void stash_clear(struct stash *st)
+{
+	st->sk = 0;
+	st->uaddr = 0;
+	st->has_peer = 0;
+}
+
+/* The message's peer p (family 0: none) into t, for an unconnected
+ * socket.  -1: a v6 peer for a v4 socket (cannot happen). */
+INLINE int apply_peer(struct conn_tuple *t, struct peer *p)
+{
+	if (!p->family || t->dport != 0)
+		return 0;
+	if (p->family == 6 || t->family == 6) {
+		if (t->family == 4) /* cannot happen for a v4 socket */
+			return -1;
+		__builtin_memcpy(t->daddr, p->addr, 16);
+		if (p->family == 4) { /* only for v4 peers of v4-mapped v6 sockets */
+			__builtin_memset(t->daddr, 0, 16);
+			__builtin_memcpy(t->daddr + 12, p->addr, 4);
+			t->daddr[10] = 0xff;
+			t->daddr[11] = 0xff;
+		}
+		t->family = 6;
+		unmap_v4(t);
+	} else {
+		__builtin_memcpy(t->daddr, p->addr, 4);
+	}
+	t->dport = p->port;
+	return 0;
+}
+
+/* A UDP socket's own socks entry (its tuple's proto is UDP): the first
+ * flow (process, local and remote address and port) the socket carried,
+ * under a life number of its own, so that its datagrams are one lookup
+ * on the socket's address and one probe read of the start of struct sock
+ * (to check that the socket still has that tuple: it may be connected
+ * elsewhere, or be a new socket in the same memory).  Other flows of the
+ * socket (other peers of an unconnected socket, other processes) are
+ * conns records as before.  others[0..1] hold the socket's struct net
+ * pointer (the namespace is compared without reading its inode). */
+INLINE unsigned long udp_entry_net(struct sock_info *si)
+{
+	unsigned long net;
+	__builtin_memcpy(&net, si->others, sizeof(net));
+	return net;
+}
+
+INLINE int same_flow(const struct conn_tuple *a, const struct conn_tuple *b)
+{
+	return !differ16(a->saddr, b->saddr) && !differ16(a->daddr, b->daddr) &&
+	       a->sport == b->sport && a->dport == b->dport && a->family == b->family;
+}
+
+INLINE int udp_entry_is(struct sock_info *si, const struct conn_tuple *t, unsigned long net)
+{
+	return si->tuple.proto == TRACER_PROTO_UDP && si->tuple.pid == t->pid &&
+	       udp_entry_net(si) == net && same_flow(&si->tuple, t);
+}
+
+/* The socket has no entry: make t (netns read) its flow, unless t already
+ * has a conns record (it stays there: one record per flow). */
+INLINE struct sock_info *udp_home(__u64 key, struct offsets *o, struct conn_tuple *t, unsigned long net, __u8 dir)
+{
+	struct sock_info fresh = {};
+	struct sock_info *si;
+
+	if (bpf_map_lookup_elem(&conns, t))
+		return 0;
+	__builtin_memcpy(&fresh.tuple, t, sizeof(fresh.tuple));
+	fresh.tuple.life = next_life();
+	fresh.has_tuple = 1;
+	__builtin_memcpy(fresh.others, &net, sizeof(net));
+	init_stats(&fresh.stats, dir, 1, o);
+	long err = bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST);
+	si = bpf_map_lookup_elem(&socks, &key); /* ours, or one another CPU made first */
+	if (si && udp_entry_is(si, t, net)) {
+		if (!err)
+			emit(o, EV_UDP_OPEN, &si->tuple, &si->stats);
+		return si;
+	}
+	return 0;
+}
+
+/* udp_count's how: */
+#define UDP_STASH 1 /* an unconnected socket's peer is the message's, in the thread's stash
+		     * (tracepoint backend: left by the cgroup hook or sys_enter) */
+#define UDP_NOTE 2  /* else, for a receive, the note of the datagram that was at the head of
+		     * the queue, which is then moved on (tracepoint backend) */
+
 /* p: the message's peer (family 0: none).  Never NULL: clang turns a NULL
- * check of it into code that older verifiers (5.10, 6.1) reject. */
-INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv, struct peer *p)
+ * check of it into code that older verifiers (5.10, 6.1) reject.  si: the
+ * socket's socks entry (NULL: none).  how: UDP_* bits. */
+INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv, struct peer *p,
+		      struct sock_info *si, int how)
 {
 	struct conn_tuple t;
 	struct conn_stats *s;
+	unsigned long net = 0;
+	__u64 key = (__u64)sk;
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tgid = id >> 32;
 
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-
-	if (o->pid_filter && tgid != o->pid_filter)
-		return; /* before reading anything */
-	if (read_tuple(sk, o, tgid, TRACER_PROTO_UDP, &t))
+	if (!(how & UDP_NOTE) && o->pid_filter && tgid != o->pid_filter)
+		return; /* before reading anything (what its cgroup hook left is this process's only) */
+	if (read_tuple_net(sk, o, tgid, TRACER_PROTO_UDP, &t, &net))
 		return;
-	if (p->family && t.dport == 0) { /* unconnected: the message's peer */
-		if (p->family == 6 || t.family == 6) {
-			if (t.family == 4) { /* cannot happen for a v4 socket */
+	/* a connected socket's peer is its own: the cgroup hooks leave
+	 * nothing for it, and the stash is not looked at */
+	if ((how & UDP_STASH) && t.dport == 0) {
+		struct stash *st = bpf_map_lookup_elem(&stash, &id);
+		if (st) {
+			if (st->uaddr && recv) { /* the peer is copied to the user after this: sys_exit counts */
+				st->sk = key;
+				st->bytes = recv;
 				return;
 			}
-			__builtin_memcpy(t.daddr, p->addr, 16);
-			if (p->family == 4) { /* only for v4 peers of v4-mapped v6 sockets */
-				__builtin_memset(t.daddr, 0, 16);
-				__builtin_memcpy(t.daddr + 12, p->addr, 4);
-				t.daddr[10] = 0xff;
-				t.daddr[11] = 0xff;
+			if (st->has_peer) {
+				__builtin_memcpy(p, &st->peer, sizeof(*p));
+				stash_clear(st);
 			}
-			t.family = 6;
-			unmap_v4(&t);
-		} else {
-			__builtin_memcpy(t.daddr, p->addr, 4);
 		}
-		t.dport = p->port;
 	}
+	if ((how & UDP_NOTE) && t.dport == 0) { /* unconnected: the peer noted when this datagram came to the head */
+		struct peer *next = bpf_map_lookup_elem(&udp_next, &key);
+		if (!p->family) {
+			if (next && next->family)
+				__builtin_memcpy(p, next, sizeof(*p));
+			else
+				tele_add(TELE_PENDING_LOST);
+		}
+		note_next_peer_at(sk, o, 0, next);
+	}
+	if (o->pid_filter && tgid != o->pid_filter)
+		return;
+	if (apply_peer(&t, p))
+		return;
+	if (si && udp_entry_is(si, &t, net)) { /* the hot path: the socket's own flow */
+		add_bytes(&si->tuple, &si->stats, o, sent, recv, key);
+		return;
+	}
+	read_netns(&t, net, o);
 	if (!wanted(o, &t))
 		return;
+	if (!si) {
+		si = udp_home(key, o, &t, net, sent ? DIR_OUTGOING : DIR_INCOMING);
+		if (si) {
+			add_bytes(&si->tuple, &si->stats, o, sent, recv, key);
+			return;
+		}
+	}
 	s = get_stats(&t, sent ? DIR_OUTGOING : DIR_INCOMING, o, TELE_UDP_LOST);
 	if (s)
 		add_bytes(&t, s, o, sent, recv, 0);
 	else
 		tele_addn(TELE_BYTES_LOST, sent + recv);
+}
+
+/* The same, where the socket's entry was not looked up yet (kprobe backend,
+ * syscall fallback). */
+INLINE void udp_count_sk(const void *sk, struct offsets *o, __u64 sent, __u64 recv, struct peer *p)
+{
+	__u64 key = (__u64)sk;
+	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
+
+	if (si && si->tuple.proto != TRACER_PROTO_UDP)
+		si = 0;
+	udp_count(sk, o, sent, recv, p, si, 0);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1095,102 +1287,89 @@ int guess_tcp_sendmsg(struct pt_regs *ctx)
 /* ------------------------------------------------------------------ */
 /* tracepoint backend */
 
-/* Process context: after sock_sendmsg()'s protocol handler returned ret. */
-/* The hot path: bytes of a TCP socket whose life is tracked, moved by its
- * owner: one lookup (the socket's own entry holds the counters).  Any
- * other case of a socket in socks takes tcp_count's longer way.  0: not a
- * tracked TCP socket. */
-INLINE int tcp_fast(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
-{
-	__u64 key = (__u64)sk;
-	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 
-	if (!si)
-		return 0;
+/* Process context: after sock_sendmsg()'s protocol handler returned ret.
+ * The hot path: one lookup of the socket's own socks entry.  A TCP
+ * socket's holds its life and its owner's counters (tcp_hit: one compare
+ * and the adds); a UDP socket's its first flow (udp_count).  Any other
+ * case takes the longer way. */
+INLINE void tcp_hit(const void *sk, struct sock_info *si, struct offsets *o, __u64 sent, __u64 recv)
+{
 	if (si->has_tuple && si->tuple.pid == (__u32)(bpf_get_current_pid_tgid() >> 32)) {
 		__u64 was = si->stats.sent_bytes + si->stats.recv_bytes;
 		if ((was ^ (was + sent + recv)) >> 16) /* each 64 KiB moved: the RTT again */
 			read_rtt(sk, o, &si->stats);
-		add_bytes(&si->tuple, &si->stats, o, sent, recv, key);
+		add_bytes(&si->tuple, &si->stats, o, sent, recv, (__u64)sk);
 	} else
 		tcp_count(sk, o, sent, recv);
-	return 1;
 }
 
 INLINE void on_send_length(const void *sk, long ret)
 {
 	struct offsets *o = ready_offsets();
 	__u64 id = bpf_get_current_pid_tgid();
-	struct stash *st = 0;
+	__u64 key = (__u64)sk;
+	struct sock_info *si;
+	struct stash *st;
 	struct peer peer = {};
-	__u16 proto;
 
-	if (!o || (ret > 0 && tcp_fast(sk, o, ret, 0)))
+	if (!o)
 		return;
-	proto = read_protocol(sk, o);
-	if (o->want && !(o->want & (proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
-		return;
-	if (proto == TRACER_PROTO_UDP) {
-		st = bpf_map_lookup_elem(&stash, &id);
-		if (st) /* a copy: no pointer into a maybe-NULL map value */
-			__builtin_memcpy(&peer, &st->peer, sizeof(peer));
+	si = bpf_map_lookup_elem(&socks, &key);
+	if (si) {
+		if (si->tuple.proto == TRACER_PROTO_TCP) {
+			if (ret > 0)
+				tcp_hit(sk, si, o, ret, 0);
+			return;
+		}
+	} else {
+		__u16 proto = read_protocol(sk, o);
+		if (o->want && !(o->want & (proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
+			return;
+		if (proto == TRACER_PROTO_TCP) {
+			if (ret > 0)
+				tcp_count(sk, o, ret, 0);
+			return;
+		}
+		if (proto != TRACER_PROTO_UDP)
+			return;
 	}
 	if (ret > 0) {
-		if (proto == TRACER_PROTO_TCP)
-			tcp_count(sk, o, ret, 0);
-		else if (proto == TRACER_PROTO_UDP)
-			udp_count(sk, o, ret, 0, &peer);
+		udp_count(sk, o, ret, 0, &peer, si, UDP_STASH);
+		return;
 	}
+	st = bpf_map_lookup_elem(&stash, &id); /* a failed send: what its hook left goes */
 	if (st)
-		bpf_map_delete_elem(&stash, &id);
+		stash_clear(st);
 }
 
 INLINE void on_recv_length(const void *sk, long ret, long flags)
 {
 	struct offsets *o = ready_offsets();
-	__u64 id = bpf_get_current_pid_tgid();
-	struct stash *st;
+	__u64 key = (__u64)sk;
+	struct sock_info *si;
 	struct peer none = {};
-	__u16 proto;
 
-	if (!o || ret <= 0 || (flags & MSG_PEEK) || tcp_fast(sk, o, 0, ret))
+	if (!o || ret <= 0 || (flags & MSG_PEEK))
 		return;
-	proto = read_protocol(sk, o);
-	if (o->want && !(o->want & (proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
-		return;
-	if (proto == TRACER_PROTO_TCP) {
-		tcp_count(sk, o, 0, ret);
-		return;
-	}
-	if (proto != TRACER_PROTO_UDP)
-		return;
-	st = bpf_map_lookup_elem(&stash, &id);
-	if (st) {
-		if (st->uaddr) { /* the peer is copied to the user after this: wait for sys_exit */
-			st->sk = (__u64)sk;
-			st->bytes = ret;
+	si = bpf_map_lookup_elem(&socks, &key);
+	if (si) {
+		if (si->tuple.proto == TRACER_PROTO_TCP) {
+			tcp_hit(sk, si, o, 0, ret);
 			return;
 		}
-		if (st->has_peer) /* from the cgroup recvmsg hook, earlier in this call */
-			__builtin_memcpy(&none, &st->peer, sizeof(none));
-		bpf_map_delete_elem(&stash, &id);
-	}
-	if (o->sk_rcvq) {
-		__u16 dport = 0;
-		kread(&dport, sizeof(dport), sk + o->dport);
-		if (!dport) { /* unconnected: the peer noted when this datagram came to the head */
-			__u64 key = (__u64)sk;
-			struct peer *next = bpf_map_lookup_elem(&udp_next, &key);
-			if (!none.family) {
-				if (next && next->family)
-					__builtin_memcpy(&none, next, sizeof(none));
-				else
-					tele_add(TELE_PENDING_LOST);
-			}
-			note_next_peer(sk, o, 0);
+	} else {
+		__u16 proto = read_protocol(sk, o);
+		if (o->want && !(o->want & (proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
+			return;
+		if (proto == TRACER_PROTO_TCP) {
+			tcp_count(sk, o, 0, ret);
+			return;
 		}
+		if (proto != TRACER_PROTO_UDP)
+			return;
 	}
-	udp_count(sk, o, 0, ret, &none);
+	udp_count(sk, o, 0, ret, &none, si, o->sk_rcvq ? UDP_STASH | UDP_NOTE : UDP_STASH);
 }
 
 /* A datagram (or TCP data) was queued on sk: for an unconnected UDP
@@ -1200,13 +1379,20 @@ int tp_sk_data_ready(struct raw_args *ctx)
 {
 	const void *sk = (void *)ctx->args[0];
 	struct offsets *o = ready_offsets();
+	__u64 key = (__u64)sk;
+	struct peer *cur;
 	__u16 dport = 1;
 
-	if (!o || !o->sk_rcvq || read_protocol(sk, o) != TRACER_PROTO_UDP)
+	if (!o || !o->sk_rcvq)
 		return 0;
 	kread(&dport, sizeof(dport), sk + o->dport);
-	if (!dport)
-		note_next_peer(sk, o, 1);
+	if (dport) /* TCP data, connected UDP: one read */
+		return 0;
+	/* an unconnected socket with a note is UDP (a TCP listener in the
+	 * memory of a UDP socket that had one only costs a note nobody reads) */
+	cur = bpf_map_lookup_elem(&udp_next, &key);
+	if (cur || read_protocol(sk, o) == TRACER_PROTO_UDP)
+		note_next_peer_at(sk, o, 1, cur);
 	return 0;
 }
 
@@ -1335,18 +1521,25 @@ int tp_inet_sock_set_state(void *ctx)
 }
 
 /* syscalls: the peer address of unconnected UDP. */
-INLINE void stash_put(struct stash *st)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&stash, &id, st, BPF_ANY))
-		tele_add(TELE_STASH_LOST);
-}
 
 /* cgroup sock_addr hooks (attached to the cgroup2 root, always allowing):
  * the kernel runs them only for UDP calls that carry an address (sendto or
  * sendmsg with a name on an unconnected socket; recvfrom or recvmsg asking
  * for the source), inside the call, before sock_send_length or
  * sock_recv_length fires; nothing else pays for them. */
+struct bpf_sock {
+	__u32 bound_dev_if;
+	__u32 family;
+	__u32 type;
+	__u32 protocol;
+	__u32 mark;
+	__u32 priority;
+	__u32 src_ip4;
+	__u32 src_ip6[4];
+	__u32 src_port;
+	__u16 dst_port;      /* network order; 0: not connected */
+};
+
 struct bpf_sock_addr {
 	__u32 user_family;
 	__u32 user_ip4;      /* network order */
@@ -1357,34 +1550,60 @@ struct bpf_sock_addr {
 	__u32 protocol;
 	__u32 msg_src_ip4;
 	__u32 msg_src_ip6[4];
+	struct bpf_sock *sk __attribute__((aligned(8)));
 };
+
+/* The message's peer into the thread's stash entry (in place where it has one). */
+INLINE void stash_peer(struct peer *p)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct stash *cur = bpf_map_lookup_elem(&stash, &id);
+	struct stash st = {};
+
+	if (cur) {
+		__builtin_memcpy(&cur->peer, p, sizeof(*p));
+		cur->sk = 0;
+		cur->uaddr = 0;
+		cur->has_peer = 1;
+		return;
+	}
+	__builtin_memcpy(&st.peer, p, sizeof(*p));
+	st.has_peer = 1;
+	if (bpf_map_update_elem(&stash, &id, &st, BPF_ANY))
+		tele_add(TELE_STASH_LOST);
+}
 
 INLINE void stash_peer4(struct bpf_sock_addr *ctx)
 {
-	struct stash st = {};
-	__u32 ip = ctx->user_ip4, port = ctx->user_port;
+	struct peer p = {};
+	__u32 ip, port;
 
-	st.peer.family = 4;
-	__builtin_memcpy(st.peer.addr, &ip, 4);
-	st.peer.port = swap16((__u16)port);
-	st.has_peer = 1;
-	stash_put(&st);
+	if (ctx->sk->dst_port) /* connected: its peer is its own (recvfrom, sendto elsewhere) */
+		return;
+	ip = ctx->user_ip4;
+	port = ctx->user_port;
+	p.family = 4;
+	__builtin_memcpy(p.addr, &ip, 4);
+	p.port = swap16((__u16)port);
+	stash_peer(&p);
 }
 
 INLINE void stash_peer6(struct bpf_sock_addr *ctx)
 {
-	struct stash st = {};
-	__u32 ip[4], port = ctx->user_port;
+	struct peer p = {};
+	__u32 ip[4], port;
 
+	if (ctx->sk->dst_port) /* connected: its peer is its own */
+		return;
+	port = ctx->user_port;
 	ip[0] = ctx->user_ip6[0];
 	ip[1] = ctx->user_ip6[1];
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
-	st.peer.family = 6;
-	__builtin_memcpy(st.peer.addr, ip, 16);
-	st.peer.port = swap16((__u16)port);
-	st.has_peer = 1;
-	stash_put(&st);
+	p.family = 6;
+	__builtin_memcpy(p.addr, ip, 16);
+	p.port = swap16((__u16)port);
+	stash_peer(&p);
 }
 
 SEC("cgroup/sendmsg4")
@@ -1494,9 +1713,9 @@ INLINE void finish_recv(void)
 		peer_from_sockaddr(&p, (void *)st->uaddr, 1);
 		if (!p.family)
 			tele_add(TELE_PENDING_LOST);
-		udp_count((void *)st->sk, o, 0, st->bytes, &p);
+		udp_count_sk((void *)st->sk, o, 0, st->bytes, &p);
 	}
-	bpf_map_delete_elem(&stash, &id);
+	stash_clear(st);
 }
 
 /* The end of sendto/sendmsg: what sys_enter stashed for a socket that is
@@ -1504,7 +1723,10 @@ INLINE void finish_recv(void)
 INLINE void drop_stash(void)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	bpf_map_delete_elem(&stash, &id);
+	struct stash *st = bpf_map_lookup_elem(&stash, &id);
+
+	if (st)
+		stash_clear(st);
 }
 
 SEC("tracepoint/syscalls/sys_exit_sendto")
@@ -1551,10 +1773,10 @@ INLINE struct stash *stash_take(struct stash *copy)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct stash *st = bpf_map_lookup_elem(&stash, &id);
-	if (!st)
+	if (!st || !st->sk) /* (sk 0: taken already) */
 		return 0;
 	__builtin_memcpy(copy, st, sizeof(*copy));
-	bpf_map_delete_elem(&stash, &id);
+	stash_clear(st);
 	return copy;
 }
 
@@ -1663,7 +1885,7 @@ INLINE void udp_send_return(struct pt_regs *ctx)
 	struct stash copy, *st = stash_take(&copy);
 	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
 	if (o && st && ret > 0)
-		udp_count((void *)st->sk, o, ret, 0, &st->peer);
+		udp_count_sk((void *)st->sk, o, ret, 0, &st->peer);
 }
 
 SEC("kprobe/udp_sendmsg")
@@ -1710,6 +1932,6 @@ int kp_skb_consume_udp(struct pt_regs *ctx)
 	peer_from_skb(&p, (void *)PARM2(ctx), o);
 	if (!p.family)
 		tele_add(TELE_PENDING_LOST);
-	udp_count((void *)PARM1(ctx), o, 0, len, &p);
+	udp_count_sk((void *)PARM1(ctx), o, 0, len, &p);
 	return 0;
 }

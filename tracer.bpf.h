@@ -114,6 +114,9 @@ struct conn_event {
  * socket.  The owner's counters live here (one lookup per send or
  * receive); other processes that use the socket (after fork) get conns
  * entries of their own, listed in others[] so they close with it.
+ * A UDP socket's entry (tuple.proto UDP) holds the first flow (process,
+ * peer) the socket carried, under a life number of its own, until it
+ * idles out; others[0..1] then hold the socket's struct net pointer.
  * Python: abi.SOCK_INFO. */
 struct sock_info {
 	struct conn_tuple tuple;  /* captured while valid; pid = the owner */

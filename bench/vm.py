@@ -158,6 +158,9 @@ def guest(a):
                                                                timeout=300)),
                ("do-nothing floor", lambda: hostbench.hold_floor("kprobe", cpu=hold_cpu,
                                                                  timeout=300))]
+    if a.baseline:  # the tracer of another checkout, side by side in this boot
+        configs.append(("tracer baseline", lambda: hostbench.hold_baseline(
+            a.baseline, backend="kprobe", cpu=hold_cpu, timeout=300)))
     for name, exe_path in peers.items():
         if exe_path:
             configs.append((name, (lambda p=exe_path, b=(name == "BCC tcptop"):
@@ -267,7 +270,8 @@ def host(a):
         cmd = [PY, os.path.join(REPO, "test", "vm", "run.py"), "--kernel", a.kernel,
                "--timeout", str(a.timeout), "--", PY, os.path.join(HERE, "vm.py"), "--guest",
                "--pingpong", exe, "--rounds", str(a.rounds), "--seconds", str(a.seconds),
-               "--startup-runs", str(a.startup_runs)] + (["--no-bcc"] if a.no_bcc else [])
+               "--startup-runs", str(a.startup_runs)] + (["--no-bcc"] if a.no_bcc else []) + (
+                   ["--baseline", os.path.abspath(a.baseline)] if a.baseline else [])
         log("booting %s (%s) under qemu; BCC compiles for minutes there" % (a.kernel, k.release))
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, universal_newlines=True)
         res = None
@@ -302,6 +306,9 @@ def main(argv=None):
                     help="apt-get install libbpf-tools, bpfcc-tools and the guest's headers")
     ap.add_argument("--no-bcc", action="store_true", help="skip BCC (minutes of compiling)")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--baseline", metavar="DIR",
+                    help="also time the tracer of another checkout (e.g. an earlier commit's "
+                    "tree, outside the repository) in the same boot, side by side")
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pingpong", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -1017,6 +1017,62 @@ def test_udp_server_has_one_record_per_client(col, family, method):
     expect_exact(col, h.sides, "udp v%d server receiving with %s" % (family, method))
 
 
+UDP_ONE_SOCKET = r"""
+    family = int(sys.argv[1])
+    addr = ADDR[family]
+
+    def udp(port=0):
+        s = socket.socket(AF[family], socket.SOCK_DGRAM)
+        s.bind((addr, port))
+        s.settimeout(20)
+        return s
+
+    def side(pid, lport, rport, sent, recv):
+        say(side=dict(pid=pid, proto="udp", family=family, laddr=addr, lport=lport,
+                      raddr=addr, rport=rport, sent=sent, recv=recv, state="open"))
+
+    s1, s2 = udp(), udp()
+    p1, p2 = s1.getsockname()[1], s2.getsockname()[1]
+    c = udp()
+    lport = c.getsockname()[1]
+    c.connect((addr, p1)); c.send(b"a" * 100)   # the socket's first flow
+    c.connect((addr, p2)); c.send(b"b" * 200)   # connected elsewhere
+    c.connect((addr, p1)); c.send(b"c" * 300)   # and back
+    def child():  # a process that shares the socket: a flow of its own
+        c.send(b"d" * 50)
+        side(os.getpid(), lport, p1, 50, 0)
+    reap(spawn(child))
+    got1 = sum(len(s1.recv(65536)) for _ in range(3))
+    got2 = len(s2.recv(65536))
+    s1.sendto(b"r" * 70, (addr, lport))
+    got_c = len(c.recv(65536))
+    if (got1, got2, got_c) != (450, 200, 70):
+        fail("got %r" % ((got1, got2, got_c),))
+    # a new socket on the same port, maybe in the same memory: the flow to
+    # s2 it shares with the old socket's goes on in the same record
+    c.close()
+    n = udp(lport)
+    n.connect((addr, p2)); n.send(b"e" * 10)
+    if len(s2.recv(65536)) != 10:
+        fail("s2")
+    side(os.getpid(), lport, p1, 400, 70)
+    side(os.getpid(), lport, p2, 210, 0)
+    side(os.getpid(), p1, lport, 70, 450)
+    side(os.getpid(), p2, lport, 0, 210)
+"""
+
+
+@FAMILIES
+def test_udp_socket_reconnected_shared_and_replaced(col, family):
+    """One UDP socket connected to one server, then another, then back;
+    a forked child sends on it too; then it closes and a new socket on the
+    same port talks to the second server: one record per process and
+    peer, exact both ways (the socket's first flow lives in its own
+    entry, the others in conns)."""
+    h = run(UDP_ONE_SOCKET, family)
+    expect_exact(col, h.sides, "udp v%d socket reconnected, shared and replaced" % family)
+
+
 # 9. comm is the process name
 
 THREAD_NAMES = r'''

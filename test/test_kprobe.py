@@ -185,6 +185,7 @@ from endings import (test_half_close_client_reads_the_reply_to_eof,  # noqa: F40
                      test_last_holders_of_shared_sockets_that_never_did_io_have_no_record,
                      test_owner_exits_without_closing, test_udp_peer_of_every_datagram_is_its_own,
                      test_udp_server_has_one_record_per_client,
+                     test_udp_socket_reconnected_shared_and_replaced,
                      test_comm_is_the_process_name_not_the_threads,
                      test_conn_lost_counts_each_side_the_full_table_could_not_hold,
                      test_retransmits_equal_tcpi_total_retrans_under_random_loss,

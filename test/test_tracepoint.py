@@ -69,11 +69,12 @@ def test_full_map_loss_is_counted_not_silent():
             s.sendto(b"d" * (i + 1), ("127.0.0.1", 20000 + i))
         mine = [c for c in t.poll() if c.pid == os.getpid()]
         tel = t.telemetry()
-        assert len(mine) <= tel["tracked"] <= 8
+        # 8 flows in conns, and the socket's first flow in its own socks entry
+        assert len(mine) <= tel["tracked"] <= 8 + 1
         # every flow is either in the table or counted lost (other processes'
         # flows, on a busy machine, can only add to the losses)
         assert len(mine) + tel["udp_lost"] >= 12
-        assert tel["lost"] >= tel["udp_lost"] >= 12 - 8
+        assert tel["lost"] >= tel["udp_lost"] >= 12 - 8 - 1
         # the datagrams of the flows not stored are counted in bytes too
         stored = set(c.rport - 20000 for c in mine)
         assert tel["bytes_lost"] >= sum(i + 1 for i in range(12) if i not in stored)
@@ -137,6 +138,8 @@ def test_idle_udp_flows_expire():
         time.sleep(0.5)
         t.poll()  # past udp_idle: the entry goes
         assert t._coll.maps["conns"].lookup(key) is None
+        # (the socket's first flow lives in its socks entry: gone too)
+        assert not [v for _, v in t._coll.maps["socks"].items() if v[:len(key)] == key]
         assert t.telemetry()["expired"] >= 1
         s.sendto(b"e" * 8, ("127.0.0.1", 9))  # the flow comes back as a new entry
         again = [c for c in t.poll() if c.lport == s.getsockname()[1]]
@@ -214,6 +217,7 @@ def test_without_cgroup2_the_syscall_tracepoints_give_the_udp_peers(monkeypatch)
         # a sendto with an address on a socket that is not UDP leaves no
         # per-thread entry behind (it would take a UDP flow's peer later)
         import socket
+        import struct
         import threading
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 
@@ -228,7 +232,13 @@ def test_without_cgroup2_the_syscall_tracepoints_give_the_udp_peers(monkeypatch)
             th.start()
         for th in ths:
             th.join()
-        assert t._coll.maps["stash"].items() == []
+        # (the kernel clears a thread's entry in place once taken: none may
+        # still hold a peer, a user address or a socket; struct stash)
+        # (this process's threads: others on the machine may be inside a call)
+        live = [v for k, v in t._coll.maps["stash"].items()
+                if struct.unpack("<Q", k)[0] >> 32 == os.getpid() and
+                (v[0:8] != bytes(8) or v[16:24] != bytes(8) or v[64] != 0)]
+        assert live == []
         a.close()
         b.close()
 
@@ -322,6 +332,7 @@ from endings import (test_half_close_client_reads_the_reply_to_eof,  # noqa: F40
                      test_last_holders_of_shared_sockets_that_never_did_io_have_no_record,
                      test_owner_exits_without_closing, test_udp_peer_of_every_datagram_is_its_own,
                      test_udp_server_has_one_record_per_client,
+                     test_udp_socket_reconnected_shared_and_replaced,
                      test_comm_is_the_process_name_not_the_threads,
                      test_retransmits_equal_tcpi_total_retrans_under_random_loss,
                      test_conn_lost_counts_each_side_the_full_table_could_not_hold,
