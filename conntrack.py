@@ -40,9 +40,11 @@ FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "r
 ConnKey = collections.namedtuple(
     "ConnKey", "proto family pid laddr lport raddr rport netns life")
 ConnKey.__doc__ = """A record's identity, readable: one life of one connection of one
-process.  life tells two lives of one TCP 4-tuple apart (a number per
-connect or passive open; 0 for UDP and for a socket opened before the
-tracer)."""
+process.  life tells two lives of one 4-tuple apart: a number per TCP
+connect or passive open, and per UDP socket for the first flow it
+carried (held in the socket's own entry); 0 for a UDP flow recorded
+apart (another peer, another process) and for a TCP socket opened
+before the tracer."""
 
 
 class Conn(object):
