@@ -23,7 +23,7 @@ import time
 
 import abi
 import bpfsys
-from abi import (GUESS_NET_BYTES, GUESS_QSKB_AT, GUESS_SK_BYTES, GUESS_SKB_AT, GUESS_SKB_BEFORE,
+from abi import (GUESS_QSKB_AT, GUESS_SK_BYTES, GUESS_SKB_AT, GUESS_SKB_BEFORE,
                  GUESS_SOCK, GUESS_STATE, GUESS_TASK, GUESS_TASK_AT, SKC_BLOCK)
 
 TCP_FIN_WAIT1, TCP_CLOSE = 4, 7
@@ -361,9 +361,15 @@ def _rtt_dump(prober):
         lst.listen(1)
         cli.connect(lst.getsockname())
         srv, _ = lst.accept()
-        for n in range(random.randint(3, 8)):  # several RTT windows: mdev_max_us moves off mdev_us
-            cli.sendall(b"r" * random.randint(1, 3000))
-            srv.recv(65536)
+        # several RTT windows (mdev_max_us moves off mdev_us), some of many
+        # segments: the RTT and its variance differ from one connection to
+        # the next, which constant fields (snd_cwnd, ...) do not
+        for n in range(random.randint(3, 8)):
+            size = random.choice((random.randint(1, 3000), random.randint(1, 200000)))
+            cli.sendall(b"r" * size)
+            got = 0
+            while got < size:
+                got += len(srv.recv(1 << 20))
         time.sleep(0.001)
         rtt = _rtt_info(cli)
         got = prober.probe_with(lambda: cli.shutdown(socket.SHUT_WR), mode=GUESS_STATE,
@@ -382,15 +388,17 @@ def _guess_rtt(prober):
     TCP_INFO does (>> 3, >> 2), give tcpi_rtt and tcpi_rttvar of the same
     socket, in several connections; then checked on one more."""
     srtt = mdev = None
+    seen = set()  # (tcpi_rtt, tcpi_rttvar) pairs met: one alone would leave constant fields in
     for n in range(RTT_ROUNDS_MAX):
         if n >= RTT_ROUNDS and srtt is not None and len(srtt) == 1 and mdev is not None \
-                and len(mdev) == 1:
+                and len(mdev) == 1 and len(seen) > 2:
             break
         got = _rtt_dump(prober)
         if got is None:
             raise GuessError("could not find the offset of srtt: no dump of a socket "
                              "entering FIN_WAIT1")
         dump, rtt, var = got
+        seen.add((rtt, var))
         words = [(o, struct.unpack_from("<I", dump, o)[0])
                  for o in range(GUESS_SK_BYTES // 2, len(dump) - 3, 4)]
         if rtt:  # (a 0 tells nothing: too many fields are 0)
@@ -401,13 +409,17 @@ def _guess_rtt(prober):
             mdev = m if mdev is None else mdev & m
     if not srtt or not mdev:
         raise GuessError("could not find the offsets of srtt_us and mdev_us in struct tcp_sock")
-    pairs = [(a, b) for a in sorted(srtt) for b in sorted(mdev) if a != b]
+    if len(seen) < 3:
+        raise GuessError("the RTT of %d connections took only %d values: srtt_us and mdev_us "
+                         "cannot be told from constant fields" % (RTT_ROUNDS_MAX, len(seen)))
     dump, rtt, var = _rtt_dump(prober) or (None, 0, 0)
-    for a, b in pairs:
-        if dump is not None and struct.unpack_from("<I", dump, a)[0] >> 3 == rtt and \
-                struct.unpack_from("<I", dump, b)[0] >> 2 == var:
-            return a, b
-    raise GuessError("the offsets of srtt_us and mdev_us did not hold on a last connection")
+    held = [(a, b) for a in sorted(srtt) for b in sorted(mdev) if a != b and dump is not None
+            and struct.unpack_from("<I", dump, a)[0] >> 3 == rtt
+            and struct.unpack_from("<I", dump, b)[0] >> 2 == var]
+    if len(held) != 1:  # better no RTT than another field's value
+        raise GuessError("the offsets of srtt_us and mdev_us: %d candidates held on a last "
+                         "connection, not 1" % len(held))
+    return held[0]
 
 
 def _probe_sock():
