@@ -35,6 +35,37 @@ def drain(t, until, timeout=5.0):
     return got
 
 
+def run_reading(t, argv, timeout=60):
+    """Run argv to its end (its stdout, as text) while reading t's events,
+    so that other traffic on the machine cannot fill the ring buffer
+    meanwhile; returns (stdout, events read)."""
+    import tempfile
+    evs = []
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(argv, stdout=out, universal_newlines=True)
+        deadline = time.time() + timeout
+        try:
+            while proc.poll() is None:
+                if time.time() > deadline:
+                    raise subprocess.TimeoutExpired(argv, timeout)
+                evs.extend(t.read_events())
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, argv)
+        out.seek(0)
+        return out.read(), evs
+
+
+def lost_note(t):
+    """What the tracer lost or skipped meanwhile (for assertion messages)."""
+    tele = t.telemetry()
+    return dict((k, tele[k]) for k in ("events_lost", "missed", "lost", "conn_lost"))
+
+
 def _pair():
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
@@ -224,20 +255,22 @@ def timeout_and_unreachable(backend):
     import json
     with tracer.Tracer(backend=backend, events=True, tcp=True, udp=False) as t:
         t.poll()
-        out = subprocess.check_output(["unshare", "--net", sys.executable, "-c", NETNS_CONNECT,
-                                       NFT_RULES], universal_newlines=True, timeout=60)
+        out, evs = run_reading(t, ["unshare", "--net", sys.executable, "-c", NETNS_CONNECT,
+                                   NFT_RULES])
         got = json.loads(out.strip().splitlines()[-1])
         child = got["pid"]
-        evs = drain(t, lambda e: len([x for x in e if x.pid == child]) >= 2)
+        evs += drain(t, lambda e: len([x for x in evs + e if x.pid == child]) >= 2)
         recs = [r for r in t.poll() if r.pid == child]
+        note = lost_note(t)
     res = dict((r["port"], r) for r in got["results"])
     assert (res[81]["err"], res[82]["err"]) == (110, 113), res  # ETIMEDOUT, EHOSTUNREACH
     mine = sorted((e.rport, e.event, e.end, e.lport) for e in evs if e.pid == child)
     assert mine == [(81, "connect_failed", "connect_timeout", res[81]["lport"]),
-                    (82, "connect_failed", "unreachable", res[82]["lport"])]
+                    (82, "connect_failed", "unreachable", res[82]["lport"])], \
+        (mine, res, note)
     timed = [e for e in evs if e.pid == child and e.rport == 81][0]
     # the SYNs retransmitted, as the kernel counts them (TCP_SYNCNT 1: 1 or 2, by kernel)
-    assert timed.retransmits == res[81]["total_retrans"] >= 1, (timed.retransmits, res)
+    assert timed.retransmits == res[81]["total_retrans"] >= 1, (timed.retransmits, res, note)
     assert abs(timed.duration - res[81]["seconds"]) < 0.5
     assert sorted((r.rport, r.failed_connects, r.end) for r in recs) == [
         (81, 1, "connect_timeout"), (82, 1, "unreachable")]
@@ -405,15 +438,15 @@ def rtt_with_netem_delay(backend, delay_ms=40):
     with tracer.Tracer(backend=backend, events=True, tcp=True, udp=False) as t:
         t.poll()
         code = dict(delay=delay_ms)
-        out = subprocess.check_output(["unshare", "--net", sys.executable, "-c",
-                                       NETEM_CLIENT % code, NETEM_SERVER % code],
-                                      universal_newlines=True, timeout=60)
+        out, evs = run_reading(t, ["unshare", "--net", sys.executable, "-c",
+                                   NETEM_CLIENT % code, NETEM_SERVER % code])
         got = json.loads(out.strip().splitlines()[-1])
-        evs = drain(t, lambda e: any(x.pid == got["pid"] and x.event == "close" and
-                                     x.lport == got["lport"] for x in e))
+        evs += drain(t, lambda e: any(x.pid == got["pid"] and x.event == "close" and
+                                      x.lport == got["lport"] for x in evs + e))
+        note = lost_note(t)
     close = [e for e in evs if e.pid == got["pid"] and e.event == "close" and
              e.lport == got["lport"]]
-    assert len(close) == 1, evs
+    assert len(close) == 1, (evs, note)
     rtt, imposed = close[0].rtt_us, 2000 * delay_ms
     assert abs(rtt - got["tcpi_rtt"]) <= 0.2 * got["tcpi_rtt"], (rtt, got)
     assert abs(rtt - got["app_rtt"]) <= 0.2 * got["app_rtt"], (rtt, got)
