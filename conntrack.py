@@ -175,6 +175,7 @@ class ConnTable(object):
         self.decoded = {}     # key -> decoded tuple (cache)
         self.last_poll_seconds = 0.0
         self.last_poll_full = True
+        self.polled = False   # the first poll reads the whole tables
         self.tracked = 0
         self.expired = 0
         # with keep_expired: the records of UDP flows expired, until taken
@@ -224,9 +225,11 @@ class ConnTable(object):
         look = None
         if self.dirty is not None:
             look = self._next_generation(dirty_lost)
-        # the whole tables only at the first poll, without a dirty map, or
-        # when it overflowed; else what the kernel marked
-        full = look is None or len(look) > max(1024, len(self.prev) // 4)
+        # the whole tables at a table's first poll (it reports every record:
+        # entries the kernel marked before this table began are not in the
+        # dirty set), without a dirty map, or when it overflowed; else what
+        # the kernel marked
+        full = look is None or not self.polled or len(look) > max(1024, len(self.prev) // 4)
         prev = self.prev
         if full:
             keys, values = self.conns.read_all()
@@ -285,6 +288,7 @@ class ConnTable(object):
         self.prev = cur
         self.tracked = len(cur)
         self.last_poll_full = full
+        self.polled = True
         self.last_poll_seconds = time.time() - start
         return out
 
