@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/run.py: tracer-bpf's figures next to bpftrace's, on this machine.
 
-    sudo python3 bench/run.py [--only startup,hotpath,poll,rss,correct]
+    sudo python3 bench/run.py [--only startup,hotpath,poll,mem,rss,correct]
                               [--rounds N] [--seconds S] [--quick] [--json FILE]
 
 Prints, for the tracepoint backend on the host kernel:
@@ -17,6 +17,9 @@ Prints, for the tracepoint backend on the host kernel:
      alternate in ABBA order, medians reported;
   3. poll cost with 1k, 10k and 100k synthetic connections in the conns map
      (batch and per-key reads, first and steady-state polls);
+  3b. (mem) VmHWM and poll times with 100k synthetic connections, each run
+     a fresh process: the library, tracer.py --json and tracer.py -C, this
+     tree and, with --baseline DIR, the other;
   4. peak RSS (VmHWM) of a tracer process running its poll loop, next to
      bpftrace's, under the same traffic;
   5. a known transfer's bytes as the tracer, bpftrace's sum of the returned
@@ -1015,16 +1018,18 @@ def report(res):
     m = res.get("mem")
     if m:
         print("\n3b. %d connections, each run a fresh process (VmHWM: its peak RSS)" % m["entries"])
-        print("   %-8s %-9s %9s %11s %11s %11s %11s %11s" % (
-            "mode", "tree", "VmHWM", "first poll", "steady", "1 % moved", "expiry too",
-            "snapshot"))
+        print("   %-8s %-9s %9s %12s %11s %11s %11s %11s %11s" % (
+            "mode", "tree", "VmHWM", "(1st poll)", "first poll", "steady", "1 % moved",
+            "expiry too", "snapshot"))
         for r in m["runs"]:
             if "error" in r:
                 print("   %-8s %-9s %s" % (r["mode"], r["name"], r["error"]))
                 continue
             ms = lambda k: "%9.1fms" % (1e3 * r[k]) if k in r else "%11s" % "-"
-            print("   %-8s %-9s %7.1fMB %s %s %s %s %s" % (
-                r["mode"], r["name"], r["vm_hwm_kb"] / 1024.0, ms("poll_first_s"),
+            first = ("%10.1fMB" % (r["first_hwm_kb"] / 1024.0) if r.get("first_hwm_kb")
+                     else "%12s" % "-")
+            print("   %-8s %-9s %7.1fMB %s %s %s %s %s %s" % (
+                r["mode"], r["name"], r["vm_hwm_kb"] / 1024.0, first, ms("poll_first_s"),
                 ms("poll_steady_s"), ms("poll_1pct_s"), ms("poll_with_expiry_s"),
                 ms("snapshot_s")))
     r = res.get("rss")
