@@ -214,6 +214,10 @@ class KernelObject(object):
             pass
 
 
+# the errors of a kernel (or map type) without batch operations
+_NO_BATCH = (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
 class Map(KernelObject):
     """A BPF map.  Keys and values are bytes of key_size and value_size."""
 
@@ -302,6 +306,18 @@ class Map(KernelObject):
         """All entries as (keys, values), two lists of bytes, with
         BPF_MAP_LOOKUP_BATCH (or, with delete, LOOKUP_AND_DELETE_BATCH).
         Raises BPFError(EINVAL/ENOTSUPP) where the kernel or map type lacks it."""
+        out_k, out_v = [], []
+        for keys, values in self.batches(delete):
+            out_k.extend(keys)
+            out_v.extend(values)
+        return out_k, out_v
+
+    def batches(self, delete=False, raw=False):
+        """The entries, one kernel batch at a time (up to 8192): yields
+        (keys, values), two lists of bytes, as read_batch reads them; a
+        caller that keeps few of them never holds the whole map.  With raw,
+        (keys, values) are each one bytes object, the batch's keys (or
+        values) end to end."""
         cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
         what = "bpf(%s) on map '%s'" % (CMD_NAMES[cmd], self.name)
         ks, vs = self.key_size, self.value_size
@@ -311,7 +327,6 @@ class Map(KernelObject):
         count, keys, values = self._batch_bufs
         tok_in = _buf(max(ks, 8))
         tok_out = _buf(max(ks, 8))
-        out_k, out_v = [], []
         first = True
         while True:
             attr = _attr("QQQQIIQQ", 0 if first else _addr(tok_in), _addr(tok_out),
@@ -333,10 +348,13 @@ class Map(KernelObject):
             n = struct.unpack_from("I", attr, 32)[0]
             if n:
                 kraw, vraw = ctypes.string_at(keys, n * ks), ctypes.string_at(values, n * vs)
-                out_k.extend([kraw[i:i + ks] for i in range(0, n * ks, ks)])
-                out_v.extend([vraw[i:i + vs] for i in range(0, n * vs, vs)])
+                if raw:
+                    yield kraw, vraw
+                else:
+                    yield ([kraw[i:i + ks] for i in range(0, n * ks, ks)],
+                           [vraw[i:i + vs] for i in range(0, n * vs, vs)])
             if done:
-                return out_k, out_v
+                return
             ctypes.memmove(tok_in, tok_out, len(tok_out))
             first = False
 
@@ -354,11 +372,29 @@ class Map(KernelObject):
                 self._batch_ok = True
                 return out
             except BPFError as e:
-                if e.errno not in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP, errno.ENOSYS):
+                if e.errno not in _NO_BATCH:
                     raise
                 self._batch_ok = False
         pairs = self.items_per_key()
         return [k for k, _ in pairs], [v for _, v in pairs]
+
+    def read_chunks(self):
+        """All entries, yielded as (keys, values) a kernel batch at a time
+        where the kernel can batch, else in one chunk read per key."""
+        if self._batch_ok is not False:
+            yielded = False
+            try:
+                for chunk in self.batches():
+                    self._batch_ok = yielded = True
+                    yield chunk
+                self._batch_ok = True
+                return
+            except BPFError as e:
+                # the first batch fails where the kernel cannot batch
+                if yielded or e.errno not in _NO_BATCH:
+                    raise
+                self._batch_ok = False
+        yield self.read_all()
 
     def items(self):
         """All (key, value) pairs: batched where the kernel can, else per key."""

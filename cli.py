@@ -690,12 +690,15 @@ class Output(object):
         rows = sort_rows(rows, self.args.sort)
         if self.args.json:
             stamp = round(time.time(), 3)
-            lines = [json.dumps(r.as_dict(stamp) if self.procs is not None else r.as_dict())
-                     for r in rows]
+            # a thousand lines at a time: 100,000 records as one string would
+            # hold each line twice (~100 MB)
+            for at in range(0, len(rows), 1000):
+                self.out.write("".join(
+                    json.dumps(r.as_dict(stamp) if self.procs is not None else r.as_dict()) + "\n"
+                    for r in rows[at:at + 1000]))
             tele.update(interval=self.intervals, records=len(rows), final=final,
                         interval_seconds=round(seconds, 3))
-            lines.append(json.dumps(tele))
-            self.out.write("\n".join(lines) + "\n")
+            self.out.write(json.dumps(tele) + "\n")
         else:
             self.out.write(self.screen(rows, conns, tele, seconds, final))
         self.out.flush()

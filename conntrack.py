@@ -29,6 +29,7 @@ _NO_SOCK = bytes(8)       # dirty map value of a record in conns
 _ZERO32 = bytes(4)        # has_tuple or pid 0
 _TCP, _UDP, _CLOSED = abi.TRACER_PROTO_TCP, abi.TRACER_PROTO_UDP, abi.CONN_CLOSED
 _DIRECTIONS, _ENDS = abi.DIRECTIONS, abi.ENDS
+_BY_ID = operator.attrgetter("_id")
 FAILED_CONNECT = ("refused", "connect_timeout", "unreachable")
 
 FIELDS = ("type", "time", "proto", "family", "pid", "comm", "laddr", "lport", "raddr", "rport",
@@ -47,10 +48,70 @@ apart (another peer, another process) and for a TCP socket opened
 before the tracer."""
 
 
+# conn_tuple decoded by field name, at C speed
+_unpack_tuple = abi.CONN_TUPLE.struct.unpack
+_tuple_fields = abi.CONN_TUPLE.getter(
+    "saddr", "daddr", "netns", "pid", "sport", "dport", "family", "proto", "life")
+
+
+def format_endpoint(addr, port):
+    """'1.2.3.4:80', '[::1]:80'."""
+    return ("[%s]:%d" if ":" in addr else "%s:%d") % (addr, port)
+
+
+def decode_tuple(key):
+    saddr, daddr, netns, pid, sport, dport, family, proto, life = _tuple_fields(_unpack_tuple(key))
+    if family == 4:
+        laddr = socket.inet_ntop(socket.AF_INET, saddr[:4])
+        raddr = socket.inet_ntop(socket.AF_INET, daddr[:4])
+    else:
+        laddr = socket.inet_ntop(socket.AF_INET6, saddr)
+        raddr = socket.inet_ntop(socket.AF_INET6, daddr)
+    return ConnKey(abi.PROTO_NAMES.get(proto, str(proto)), family, pid, laddr, sport, raddr, dport,
+                   netns, life)
+
+
+def monotonic_ns():
+    """bpf_ktime_get_ns()'s clock (CLOCK_MONOTONIC)."""
+    return int(time.monotonic() * 1e9)
+
+
+def _life(key):
+    """A record's key without its pid: the connection life it belongs to."""
+    return key[:_PID.start] + key[_PID.stop:]
+
+
+class _Poll(object):
+    """What the records of one poll share: its wall clock (start; time,
+    rounded as records show it) and the kernel's monotonic clock (now_ns)."""
+    __slots__ = ("start", "time", "now_ns")
+
+    def __init__(self, start, now_ns):
+        self.start, self.time, self.now_ns = start, round(start, 3), now_ns
+
+
+_SOCK_INFO_SIZE = abi.SOCK_INFO.size
+_STATS_AT = SOCK_INFO_STATS.start
+_unpack_stats_from = abi.CONN_STATS.struct.unpack_from
+_unpack_tuple_from = abi.CONN_TUPLE.struct.unpack_from
+_ST = dict((n, i) for i, n in enumerate(abi.CONN_STATS.names))   # a field's index in the unpacked stats
+_TU = dict((n, i) for i, n in enumerate(abi.CONN_TUPLE.names))
+_ST_SENT, _ST_RECV, _ST_RETR, _ST_STATE = _ST["sent_bytes"], _ST["recv_bytes"], _ST["retransmits"], _ST["state"]
+
+
+def _stats_of(v):
+    """conn_stats unpacked, from a conns value or a socks value (sock_info)."""
+    return _unpack_stats_from(v, _STATS_AT if len(v) == _SOCK_INFO_SIZE else 0)
+
+
+def _stats_bytes(v):
+    return v[SOCK_INFO_STATS] if len(v) == _SOCK_INFO_SIZE else v
+
+
 class Conn(object):
     """One connection life of one process, as the JSON "conn" record.
 
-    Attributes (the JSON fields, then two more):
+    Attributes (the JSON fields, then three more):
       type        "conn"
       time        float, Unix time of the poll that reported it
       proto       "tcp" or "udp"
@@ -89,12 +150,75 @@ class Conn(object):
       key         ConnKey: the record's identity, stable from poll to poll
       first_seen  bool, True the first time a record is reported
       retrans_delta  int, retransmits since the previous poll
-    """
 
-    __slots__ = FIELDS + ("key", "first_seen", "retrans_delta", "_raw")
+    A record a poll made holds the raw map values it came from (shared
+    with the table's own copy) and decodes a field when it is read:
+    100,000 records cost about 80 bytes each, not 30 decoded fields.  A
+    field may be set (Conn() makes an empty record whose fields are all
+    set); a set value is read back as it was set."""
+
+    __slots__ = ("_id", "_v", "_old", "_poll", "_key", "_set")
+
+    def __init__(self, _id=None, _v=None, _old=None, _poll=None):
+        self._id, self._v, self._old, self._poll = _id, _v, _old, _poll
+        self._key = self._set = None
+
+    @property
+    def _raw(self):
+        """The record's key in the maps (conn_tuple bytes)."""
+        i = self._id
+        return self._v[SOCK_INFO_TUPLE] if len(i) == _SOCK_ID else i
+
+    def _tuple_field(self, index):
+        i = self._id
+        return _unpack_tuple_from(self._v if len(i) == _SOCK_ID else i)[index]
+
+    def _moved(self):
+        """Whether a counter or the state moved since old (or there is no old)."""
+        old = self._old
+        if old is None:
+            return True
+        a, b = _stats_of(self._v), _stats_of(old)
+        return (a[_ST_SENT] != b[_ST_SENT] or a[_ST_RECV] != b[_ST_RECV]
+                or a[_ST_RETR] != b[_ST_RETR] or a[_ST_STATE] != b[_ST_STATE])
+
+    def _closed_now(self):
+        """The record with its state closed (a sibling of a socket life that ended)."""
+        stats = _stats_bytes(self._v)
+        self._v = stats[:_STATE_OFFSET] + bytes([_CLOSED]) + stats[_STATE_OFFSET + 1:]
 
     def as_dict(self):
-        return dict((f, getattr(self, f)) for f in FIELDS)
+        if self._v is None or self._set:
+            return dict((f, getattr(self, f)) for f in FIELDS)
+        return dict(zip(FIELDS, self._decode()))
+
+    def _decode(self):
+        """Every field of FIELDS, in order, from the raw values."""
+        (sent, recv, first_ns, last_ns, retr, direction, state, seen_start, end, comm, _, rtt,
+         rtt_var, _) = _stats_of(self._v)
+        o_sent, o_recv = self._old_counters()[:2]
+        proto, family, pid, laddr, lport, raddr, rport, netns, _ = (
+            self._key or decode_tuple(self._raw))  # not kept: as_dict of every record
+        p = self._poll
+        closed = state == _CLOSED
+        end = _ENDS.get(end) if closed else None
+        if seen_start:
+            start_time = round(p.start - (p.now_ns - first_ns) / 1e9, 3)
+            duration = round(max(0, (last_ns if closed else p.now_ns) - first_ns) / 1e9, 3)
+        else:
+            start_time = duration = None
+        return ("conn", p.time, proto, family, pid, _comm(comm), laddr, lport, raddr, rport,
+                netns, sent, recv, sent - o_sent, recv - o_recv, retr,
+                "closed" if closed else "open", _DIRECTIONS.get(direction, "unknown"),
+                start_time, duration, end, int(end in FAILED_CONNECT), int(end == "reset_sent"),
+                int(end == "reset_received")) + ((rtt, rtt_var) if rtt else (None, None))
+
+    def _old_counters(self):
+        old = self._old
+        if old is None:
+            return 0, 0, 0
+        s = _stats_of(old)
+        return s[_ST_SENT], s[_ST_RECV], s[_ST_RETR]
 
     def __repr__(self):
         return "Conn(%s %s %s -> %s pid=%d sent=%d recv=%d %s)" % (
@@ -103,42 +227,109 @@ class Conn(object):
             self.sent_bytes, self.recv_bytes, self.state)
 
 
-# conn_stats and conn_tuple decoded by field name, at C speed (the poll's hot loop)
-_unpack_stats = abi.CONN_STATS.struct.unpack
-_record_fields = abi.CONN_STATS.getter(
-    "sent_bytes", "recv_bytes", "retransmits", "state", "direction", "seen_start", "end", "comm",
-    "first_ns", "last_ns", "rtt_us", "rtt_var_us")
-_counters = abi.CONN_STATS.getter("sent_bytes", "recv_bytes", "retransmits", "state")
-_unpack_tuple = abi.CONN_TUPLE.struct.unpack
-_tuple_fields = abi.CONN_TUPLE.getter(
-    "saddr", "daddr", "netns", "pid", "sport", "dport", "family", "proto", "life")
+def _comm(raw):
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def format_endpoint(addr, port):
-    """'1.2.3.4:80', '[::1]:80'."""
-    return ("[%s]:%d" if ":" in addr else "%s:%d") % (addr, port)
+def _conn_key(c):
+    k = c._key
+    if k is None:
+        k = c._key = decode_tuple(c._raw)
+    return k
 
 
-def decode_tuple(key):
-    saddr, daddr, netns, pid, sport, dport, family, proto, life = _tuple_fields(_unpack_tuple(key))
-    if family == 4:
-        laddr = socket.inet_ntop(socket.AF_INET, saddr[:4])
-        raddr = socket.inet_ntop(socket.AF_INET, daddr[:4])
-    else:
-        laddr = socket.inet_ntop(socket.AF_INET6, saddr)
-        raddr = socket.inet_ntop(socket.AF_INET6, daddr)
-    return ConnKey(abi.PROTO_NAMES.get(proto, str(proto)), family, pid, laddr, sport, raddr, dport,
-                   netns, life)
+def _stat(name):
+    i = _ST[name]
+    return lambda c: _stats_of(c._v)[i]
 
 
-def monotonic_ns():
-    """bpf_ktime_get_ns()'s clock (CLOCK_MONOTONIC)."""
-    return int(time.monotonic() * 1e9)
+def _start_time(c):
+    s = _stats_of(c._v)
+    if not s[_ST["seen_start"]]:
+        return None
+    p = c._poll
+    return round(p.start - (p.now_ns - s[_ST["first_ns"]]) / 1e9, 3)
 
 
-def _life(key):
-    """A record's key without its pid: the connection life it belongs to."""
-    return key[:_PID.start] + key[_PID.stop:]
+def _duration(c):
+    s = _stats_of(c._v)
+    if not s[_ST["seen_start"]]:
+        return None
+    end_ns = s[_ST["last_ns"]] if s[_ST_STATE] == _CLOSED else c._poll.now_ns
+    return round(max(0, end_ns - s[_ST["first_ns"]]) / 1e9, 3)
+
+
+def _end(c):
+    s = _stats_of(c._v)
+    return _ENDS.get(s[_ST["end"]]) if s[_ST_STATE] == _CLOSED else None
+
+
+def _rtt(name):
+    i, rtt = _ST[name], _ST["rtt_us"]
+
+    def get(c):
+        s = _stats_of(c._v)
+        return s[i] if s[rtt] else None
+    return get
+
+
+# how a record decodes each field from its raw values (key fields: laddr
+# and raddr through the ConnKey, decoded once and kept; the others at
+# each read)
+_DECODE = {
+    "type": lambda c: "conn",
+    "time": lambda c: c._poll.time,
+    "key": _conn_key,
+    "proto": lambda c: abi.PROTO_NAMES.get(c._tuple_field(_TU["proto"]),
+                                           str(c._tuple_field(_TU["proto"]))),
+    "family": lambda c: c._tuple_field(_TU["family"]),
+    "pid": lambda c: c._tuple_field(_TU["pid"]),
+    "laddr": lambda c: _conn_key(c).laddr,
+    "lport": lambda c: c._tuple_field(_TU["sport"]),
+    "raddr": lambda c: _conn_key(c).raddr,
+    "rport": lambda c: c._tuple_field(_TU["dport"]),
+    "netns": lambda c: c._tuple_field(_TU["netns"]),
+    "comm": lambda c: _comm(_stats_of(c._v)[_ST["comm"]]),
+    "sent_bytes": _stat("sent_bytes"),
+    "recv_bytes": _stat("recv_bytes"),
+    "retransmits": _stat("retransmits"),
+    "sent_delta": lambda c: _stats_of(c._v)[_ST_SENT] - c._old_counters()[0],
+    "recv_delta": lambda c: _stats_of(c._v)[_ST_RECV] - c._old_counters()[1],
+    "retrans_delta": lambda c: _stats_of(c._v)[_ST_RETR] - c._old_counters()[2],
+    "state": lambda c: "closed" if _stats_of(c._v)[_ST_STATE] == _CLOSED else "open",
+    "direction": lambda c: _DIRECTIONS.get(_stats_of(c._v)[_ST["direction"]], "unknown"),
+    "first_seen": lambda c: c._old is None,
+    "start_time": _start_time,
+    "duration": _duration,
+    "end": _end,
+    "failed_connects": lambda c: int(_end(c) in FAILED_CONNECT),
+    "resets_sent": lambda c: int(_end(c) == "reset_sent"),
+    "resets_received": lambda c: int(_end(c) == "reset_received"),
+    "rtt_us": _rtt("rtt_us"),
+    "rtt_var_us": _rtt("rtt_var_us"),
+}
+
+
+def _field(name, decode):
+    def get(c):
+        s = c._set
+        if s is not None and name in s:
+            return s[name]
+        if c._v is None:  # Conn(): only what was set
+            raise AttributeError(name)
+        return decode(c)
+
+    def put(c, value):
+        if c._set is None:
+            c._set = {}
+        c._set[name] = value
+    return property(get, put)
+
+
+for _name, _decode in _DECODE.items():
+    setattr(Conn, _name, _field(_name, _decode))
+del _name, _decode
+assert set(_DECODE) == set(FIELDS) | {"key", "first_seen", "retrans_delta"}
 
 
 class ConnTable(object):
@@ -148,8 +339,9 @@ class ConnTable(object):
 
     Entries are held by id: the socket address (8 bytes) for a socks
     entry, the record's key (52 bytes) for a conns entry, so that telling
-    what changed is a C-level comparison of raw values; only changed
-    entries are decoded.  With a dirty map (the records the kernel changed
+    what changed is a C-level comparison of raw values.  Records hold the
+    raw values they came from and decode a field when it is read (a poll
+    decodes only the counters of the changed entries).  With a dirty map (the records the kernel changed
     since the poll generation began, and where each lives) a poll reads
     only those; every full_every seconds, or when the dirty set could not
     keep up, it reads both tables whole and expires idle entries."""
@@ -166,40 +358,55 @@ class ConnTable(object):
         # expiry needs every entry's last_ns: a full read only now and then
         self.full_every_ns = max(int(min(udp_idle, tcp_idle) * 1e9 / 4), 1)
         self.next_full_ns = 0
-        self.drained_prev = {}
+        self.drained_prev = []   # the dirty map's batches the previous poll drained
         self.dirty_lost = 0
         self.prev = {}        # id -> raw value (sock_info or conn_stats) at the previous poll
-        self.sock_of = {}     # record key -> socket id, for records seen in socks
-        self.active = {}      # id -> monotonic ns of the last poll that saw it change
+        # hash(record key) -> socket id, for records seen in socks (a hash,
+        # not the 52-byte key: whoever uses it checks the socket's tuple)
+        self.sock_of = {}
+        # id -> monotonic ns of the last poll that saw it change, for the ids
+        # that changed since the first poll (the others: first_ns)
+        self.active = {}
+        self.first_ns = 0
         self.siblings = {}    # life (key without pid) -> keys of other processes' records
-        self.decoded = {}     # key -> decoded tuple (cache)
         self.last_poll_seconds = 0.0
         self.last_poll_full = True
+        self.polled = False   # the first poll reads the whole tables
         self.tracked = 0
         self.expired = 0
         # with keep_expired: the records of UDP flows expired, until taken
         self.keep_expired = keep_expired
         self.expired_udp = []
 
-    def _next_generation(self, dirty_lost):
+    def _next_generation(self, dirty_lost, limit):
         """Start a new generation, then drain the records marked in the old
-        one.  The records drained by the previous poll are read again: an
-        update that raced with that drain saw the old generation and did
-        not mark."""
+        one: {key: socket address} of what to read, or None where the whole
+        tables must be read (more than limit records marked, or the dirty
+        map was full).  The records drained by the previous poll are read
+        again: an update that raced with that drain saw the old generation
+        and did not mark.  What was drained is held as the kernel's batches
+        (the keys end to end), not as a dict, until it is looked at."""
         self.gen = (self.gen + 1) & 0xFFFFFFFF
         self.set_gen(self.gen)
         try:
-            keys, values = self.dirty.read_batch(delete=True)
+            drained = list(self.dirty.batches(delete=True, raw=True))
         except bpfsys.BPFError:
             self.dirty = None  # no LOOKUP_AND_DELETE_BATCH (before 5.6): full reads
             return None
-        drained = dict(zip(keys, values))
-        look = dict(self.drained_prev)
-        look.update(drained)
+        ks, vs = self.dirty.key_size, self.dirty.value_size
+        batches = self.drained_prev + drained
         self.drained_prev = drained
         if dirty_lost != self.dirty_lost:  # the dirty map was full: read everything
             self.dirty_lost = dirty_lost
             return None
+        # counted with the records both drains hold twice: at worst a full
+        # read where the union would have been just under limit
+        if sum(len(k) for k, _ in batches) // ks > limit:
+            return None
+        look = {}
+        for kraw, vraw in batches:
+            look.update(zip([kraw[i:i + ks] for i in range(0, len(kraw), ks)],
+                            [vraw[i:i + vs] for i in range(0, len(vraw), vs)]))
         return look
 
     def _read_dirty(self, look, cur):
@@ -222,46 +429,65 @@ class ConnTable(object):
         start = time.time()
         now_ns = monotonic_ns()
         look = None
+        # the whole tables at a table's first poll (it reports every record:
+        # entries the kernel marked before this table began are not in the
+        # dirty set), without a dirty map, when it overflowed, or when it
+        # marked more than a quarter of the table; else what the kernel marked
+        limit = max(1024, len(self.prev) // 4) if self.polled else -1
         if self.dirty is not None:
-            look = self._next_generation(dirty_lost)
-        # the whole tables only at the first poll, without a dirty map, or
-        # when it overflowed; else what the kernel marked
-        full = look is None or len(look) > max(1024, len(self.prev) // 4)
+            look = self._next_generation(dirty_lost, limit)
+        full = look is None or len(look) > limit
         prev = self.prev
+        fresh, seen = {}, None
         if full:
-            keys, values = self.conns.read_all()
-            cur = dict(zip(keys, values))
-            keys, values = self.socks.read_all()
-            cur.update(zip(keys, values))
-            fresh = cur
+            # a kernel batch at a time, compared in C (map/compress) with what
+            # is held: only the changed entries are kept, never a second copy
+            # of the tables
+            seen = set() if prev else None
+            for m in (self.conns, self.socks):
+                for keys, values in m.read_chunks():
+                    if seen is not None:
+                        seen.update(keys)
+                    fresh.update(itertools.compress(
+                        zip(keys, values), map(operator.ne, values, map(prev.get, keys))))
         else:
-            fresh = {}
             self._read_dirty(look, fresh)
-        # compared in C (map/compress): unchanged entries cost next to nothing
         ids = list(fresh.keys())
         changed = list(itertools.compress(ids, map(operator.ne, map(fresh.get, ids), map(prev.get, ids))))
-        if full:
-            before = prev
-        else:  # what the changed entries held, before cur (= prev, updated in place) moves on
-            before = dict((i, prev.get(i)) for i in changed)
-            for i in changed:
-                sk = self.sock_of.get(i) if len(i) != _SOCK_ID else None
-                if sk is not None:
-                    before[sk] = prev.get(sk)
+        del ids
+        # what the changed entries held (and the sockets the conns records
+        # among them lived in), before cur (= prev, updated in place) moves on
+        before = dict((i, prev[i]) for i in changed if i in prev)
+        for i in changed:
+            sk = self.sock_of.get(hash(i)) if len(i) != _SOCK_ID else None
+            if sk is not None and sk in prev:
+                before[sk] = prev[sk]
+        if not prev:
+            cur = fresh
+        else:
             cur = prev
+            if seen is not None:  # a full read: what the kernel no longer holds goes
+                for i in [i for i in cur if i not in seen]:
+                    del cur[i]
+                del seen
             cur.update(fresh)
-        recs, gone = self._records(changed, cur, before)
-        recs = self._close_siblings(recs, cur, gone)
-        out = []
-        for key, stats, old in recs:
-            c = self._conn(key, stats, old, start, now_ns)
-            if c is not None and (include is None or include(c)):
-                out.append(c)
+        del fresh
+        if not self.polled:
+            self.first_ns = now_ns
+        at = _Poll(start, now_ns)
+        recs, gone = self._records(changed, cur, before, at)
+        recs = self._close_siblings(recs, cur, gone, at)
+        out = [c for c in recs if c._moved() and (include is None or include(c))]
+        del recs
         if everything:  # the entries that did not change, too (deltas 0)
             seen = set(changed)
-            seen.update(c._raw for c in out)
-            out.extend(self._unchanged(seen, cur, start, now_ns, include))
-        out.sort(key=lambda c: c.key)
+            seen.update(c._id for c in out)
+            seen.update(c._raw for c in out if len(c._id) == _SOCK_ID)
+            out.extend(self._unchanged(seen, cur, at, include))
+        # by map id (the socket's address, or the record key): the order of
+        # the maps, not of the decoded keys (sorting by those would decode
+        # every record)
+        out.sort(key=_BY_ID)
         # expiry: on the values this process holds (the kernel marks every
         # change, so an entry idle here is idle there), every full_every
         expire = now_ns >= self.next_full_ns
@@ -270,165 +496,121 @@ class ConnTable(object):
             idle, idle_socks = self._idle(cur, now_ns)
             if self.keep_expired:  # UDP flows, in conns or in their socket's entry
                 flows = [(k, cur[k]) for k in idle if k[_PROTO_OFFSET] == _UDP]
-                flows += [(v[SOCK_INFO_TUPLE], v[SOCK_INFO_STATS]) for v in idle_socks
-                          if v[_PROTO_OFFSET] == _UDP]
-                self.expired_udp.extend(self._conn(k, v, v, start, now_ns, unchanged=True)
-                                        for k, v in flows)
+                flows += [(i, v) for i, v in idle_socks if v[_PROTO_OFFSET] == _UDP]
+                self.expired_udp.extend(Conn(i, v, v, at) for i, v in flows)
             gone.extend(idle)
         if gone:
             self.conns.delete_keys(gone)
         for key in gone:
             cur.pop(key, None)
-            self.decoded.pop(key, None)
         if full or expire:
             self._prune(cur)
         self.prev = cur
         self.tracked = len(cur)
         self.last_poll_full = full
+        self.polled = True
         self.last_poll_seconds = time.time() - start
         return out
 
-    def _records(self, changed, cur, prev):
-        """[(key, stats, old stats or None)] of the changed entries, and the
-        conns keys of ended records (deleted once reported)."""
+    def _records(self, changed, cur, prev, at):
+        """The records of the changed entries (whether a counter moved is
+        told later: Conn._moved), and the conns keys of ended records
+        (deleted once reported)."""
         out, gone = [], []
-        active, now_ns = self.active, monotonic_ns()
+        active, now_ns = self.active, at.now_ns
+        sock_of = self.sock_of
+        first = not self.polled  # every entry is new: active since first_ns
         for i in changed:
             v = cur[i]
             old = prev.get(i)
-            active[i] = now_ns
+            if not first:
+                active[i] = now_ns
             if len(i) == _SOCK_ID:
                 if v[_HAS_TUPLE] == _ZERO32:
                     continue
-                key = v[SOCK_INFO_TUPLE]
-                if key[_PID] == _ZERO32:
+                if v[_PID] == _ZERO32:
                     continue  # incoming, not claimed by a process yet
-                self.sock_of[key] = i
-                stats = v[SOCK_INFO_STATS]
-                old = old[SOCK_INFO_STATS] if old is not None and old[SOCK_INFO_TUPLE] == key else None
+                key = v[SOCK_INFO_TUPLE]
+                sock_of[hash(key)] = i
+                if old is not None and old[SOCK_INFO_TUPLE] != key:
+                    old = None
             else:
-                key, stats = i, v
+                key = i
                 if old is None:  # an ended life that left socks since the last poll
-                    sk = self.sock_of.pop(key, None)
+                    sk = sock_of.pop(hash(key), None)
                     was = prev.get(sk) if sk is not None else None
                     if was is not None and was[SOCK_INFO_TUPLE] == key:
-                        old = was[SOCK_INFO_STATS]
+                        old = was
                     now = cur.get(sk) if sk is not None else None
                     if now is not None and now[SOCK_INFO_TUPLE] == key:
                         del cur[sk]  # the socket's entry is gone from the kernel
                 if v[_STATE_OFFSET] == _CLOSED:
                     gone.append(key)
-            out.append((key, stats, old))
+            out.append(Conn(i, v, old, at))
         return out, gone
 
-    def _conn(self, key, value, old, start, now_ns, unchanged=False):
-        """The record of one changed entry, or None if nothing it reports
-        moved (unless unchanged: then it is reported anyway, with deltas 0).
-        start, now_ns: the poll's wall clock and monotonic time (the
-        kernel's clock)."""
-        (sent, recv, retr, state, direction, seen_start, end, comm, first_ns, last_ns, rtt,
-         rtt_var) = _record_fields(_unpack_stats(value))
-        if old is not None:
-            o_sent, o_recv, o_retr, o_state = _counters(_unpack_stats(old))
-            if (o_sent, o_recv, o_retr, o_state) == (sent, recv, retr, state) and not unchanged:
-                return None
-        else:
-            o_sent = o_recv = o_retr = 0
-        tup = self.decoded.get(key)
-        if tup is None:
-            tup = self.decoded[key] = decode_tuple(key)
-        c = Conn()
-        c._raw = key
-        c.key = tup
-        (c.proto, c.family, c.pid, c.laddr, c.lport, c.raddr, c.rport, c.netns, _) = tup
-        c.retrans_delta = retr - o_retr
-        c.type = "conn"
-        c.time = round(start, 3)
-        c.comm = comm.split(b"\0", 1)[0].decode("utf-8", "replace")
-        c.sent_bytes, c.recv_bytes, c.retransmits = sent, recv, retr
-        c.sent_delta = sent - o_sent
-        c.recv_delta = recv - o_recv
-        c.state = "closed" if state == _CLOSED else "open"
-        c.direction = _DIRECTIONS.get(direction, "unknown")
-        c.first_seen = old is None
-        if seen_start:  # the tracer saw the connection start (connect or accept)
-            c.start_time = round(start - (now_ns - first_ns) / 1e9, 3)
-            c.duration = round(max(0, (last_ns if state == _CLOSED else now_ns) - first_ns) / 1e9, 3)
-        else:  # opened before the tracer, or UDP (no start): not guessed
-            c.start_time = c.duration = None
-        c.end = _ENDS.get(end) if state == _CLOSED else None
-        c.failed_connects = int(c.end in FAILED_CONNECT)
-        c.resets_sent = int(c.end == "reset_sent")
-        c.resets_received = int(c.end == "reset_received")
-        c.rtt_us, c.rtt_var_us = (rtt, rtt_var) if rtt else (None, None)
-        return c
-
-    def _unchanged(self, changed, cur, start, now_ns, include):
+    def _unchanged(self, changed, cur, at, include):
         """Records of the entries in cur not in changed, deltas 0."""
         out = []
         for i, v in cur.items():
             if i in changed:
                 continue
-            if len(i) == _SOCK_ID:
-                if v[_HAS_TUPLE] == _ZERO32:
-                    continue
-                key, stats = v[SOCK_INFO_TUPLE], v[SOCK_INFO_STATS]
-                if key[_PID] == _ZERO32:
-                    continue
-            else:
-                key, stats = i, v
-            c = self._conn(key, stats, stats, start, now_ns, unchanged=True)
-            c.first_seen = False
+            if len(i) == _SOCK_ID and (v[_HAS_TUPLE] == _ZERO32 or v[_PID] == _ZERO32):
+                continue
+            c = Conn(i, v, v, at)
             if include is None or include(c):
                 out.append(c)
         return out
 
-    def _close_siblings(self, recs, cur, gone):
+    def _close_siblings(self, recs, cur, gone, at):
         """A record of a process that shares a socket (after fork) closes
         with the socket's life, however many processes shared it (the kernel
         closes the first SOCK_OTHERS itself): recs, with those records
         closed; they are deleted from conns after this poll."""
         ended = []
-        for key, stats, _ in recs:
-            if key[_PROTO_OFFSET] != _TCP:
+        for c in recs:
+            i, v = c._id, c._v
+            if (v if len(i) == _SOCK_ID else i)[_PROTO_OFFSET] != _TCP:
                 continue
-            if stats[_STATE_OFFSET] == _CLOSED:
+            key = c._raw
+            if _stats_bytes(v)[_STATE_OFFSET] == _CLOSED:
                 ended.append(_life(key))
             elif key in cur:  # an open conns record of TCP: a process sharing a socket
                 self.siblings.setdefault(_life(key), set()).add(key)
         if not ended or not self.siblings:
             return recs
-        now = dict((key, (stats, old)) for key, stats, old in recs)
+        now = dict((c._raw, c) for c in recs)
         for life in ended:
             for k in self.siblings.pop(life, ()):
-                stats, old = now.get(k) or (cur.get(k), cur.get(k))
-                if stats is not None and stats[_STATE_OFFSET] != _CLOSED:
-                    closed = stats[:_STATE_OFFSET] + bytes([_CLOSED]) + stats[_STATE_OFFSET + 1:]
-                    now[k] = (closed, old)
+                c = now.get(k)
+                if c is None:
+                    if cur.get(k) is None:
+                        continue
+                    c = now[k] = Conn(k, cur[k], cur[k], at)
+                if _stats_bytes(c._v)[_STATE_OFFSET] != _CLOSED:
+                    c._closed_now()
                     gone.append(k)
-        return [(k, s, o) for k, (s, o) in now.items()]
+        return list(now.values())
 
     def _idle(self, cur, now_ns):
         """Keys of the conns records idle past their protocol's limit, and
-        the values of the idle socks entries, which are deleted here (and
+        (id, value) of the idle socks entries, which are deleted here (and
         dropped from cur).  Idle: no
         counter moved in any poll since the limit (the kernel marks every
         change, and reads no clock on the hot path)."""
         udp_before, tcp_before = now_ns - self.udp_idle_ns, now_ns - self.tcp_idle_ns
-        active = self.active
+        active, first_ns = self.active, self.first_ns
         idle_socks, idle = [], []
         for i in cur:
-            t = active.get(i)
-            if t is None:
-                active[i] = now_ns
-            elif len(i) == _SOCK_ID:  # a socket's own entry: TCP life, or a UDP socket's first flow
+            t = active.get(i, first_ns)
+            if len(i) == _SOCK_ID:  # a socket's own entry: TCP life, or a UDP socket's first flow
                 if t < (tcp_before if cur[i][_PROTO_OFFSET] == _TCP else udp_before):
                     idle_socks.append(i)
             elif t < (tcp_before if i[_PROTO_OFFSET] == _TCP else udp_before):
                 idle.append(i)
         # only entries the kernel still holds as they were (not a new life)
         idle_socks = [i for i in idle_socks if self.socks.lookup(i) in (cur[i], None)]
-        values = [cur[i] for i in idle_socks]
+        values = [(i, cur[i]) for i in idle_socks]
         if idle_socks:
             self.socks.delete_keys(idle_socks)
             for i in idle_socks:
@@ -440,11 +622,6 @@ class ConnTable(object):
 
     def _prune(self, cur):
         """After a full read: forget what no longer exists."""
-        if len(self.decoded) > len(cur):
-            keys = set(k for k in cur if len(k) != _SOCK_ID)
-            keys.update(v[SOCK_INFO_TUPLE] for k, v in cur.items() if len(k) == _SOCK_ID)
-            for key in self.decoded.keys() - keys:
-                del self.decoded[key]
         if len(self.sock_of) > len(cur):
             for key, sk in list(self.sock_of.items()):
                 if sk not in cur:

@@ -269,10 +269,15 @@ class Tracer(object):
     def _include(self, c):
         if self.pid is not None and c.pid != self.pid:
             return False
-        if (c.proto == "tcp" and not self.tcp) or (c.proto == "udp" and not self.udp):
-            return False
-        if (c.family == 6 and not self.ipv6) or (c.family == 4 and not self.ipv4):
-            return False
+        # a record decodes a field when it is read: only those a filter needs
+        if not (self.tcp and self.udp):
+            proto = c.proto
+            if (proto == "tcp" and not self.tcp) or (proto == "udp" and not self.udp):
+                return False
+        if not (self.ipv4 and self.ipv6):
+            family = c.family
+            if (family == 6 and not self.ipv6) or (family == 4 and not self.ipv4):
+                return False
         if self.port is not None and c.lport not in self.port and c.rport not in self.port:
             return False
         if self.lport is not None and c.lport not in self.lport:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/run.py: tracer-bpf's figures next to bpftrace's, on this machine.
 
-    sudo python3 bench/run.py [--only startup,hotpath,poll,rss,correct]
+    sudo python3 bench/run.py [--only startup,hotpath,poll,mem,rss,correct]
                               [--rounds N] [--seconds S] [--quick] [--json FILE]
 
 Prints, for the tracepoint backend on the host kernel:
@@ -17,6 +17,9 @@ Prints, for the tracepoint backend on the host kernel:
      alternate in ABBA order, medians reported;
   3. poll cost with 1k, 10k and 100k synthetic connections in the conns map
      (batch and per-key reads, first and steady-state polls);
+  3b. (mem) VmHWM and poll times with 100k synthetic connections, each run
+     a fresh process: the library, tracer.py --json and tracer.py -C, this
+     tree and, with --baseline DIR, the other;
   4. peak RSS (VmHWM) of a tracer process running its poll loop, next to
      bpftrace's, under the same traffic;
   5. a known transfer's bytes as the tracer, bpftrace's sum of the returned
@@ -560,32 +563,46 @@ def bench_hotpath(a, res, exe):
 
 # --- 3. poll cost ------------------------------------------------------------------------
 
+class Synthetic(object):
+    """Synthetic TCP connections as the kernel keeps them in socks: each
+    socket's life and its owner's counters (sk(i): the socket address,
+    key(i): the record key, value(i): the socks value)."""
+
+    def __init__(self):
+        import abi
+        import conntrack
+        self.abi = abi
+        self.now_ns = conntrack.monotonic_ns()
+        self.comm = b"bench".ljust(16, b"\0")
+
+    @staticmethod
+    def sk(i):
+        return (0xffff888000000000 + i * 2048).to_bytes(8, "little")
+
+    def key(self, i):
+        daddr = bytes([127, 1 + (i >> 16) % 200, (i >> 8) & 255, i & 255]).ljust(16, b"\0")
+        return self.abi.CONN_TUPLE.pack(saddr=b"\x7f\0\0\x01", daddr=daddr, netns=4026531840,
+                                        pid=0x7ff00000, sport=40000 + i % 20000, dport=443,
+                                        family=4, proto=self.abi.TRACER_PROTO_TCP, life=i + 1)
+
+    def value(self, i, extra=0):
+        abi = self.abi
+        stats = abi.CONN_STATS.pack(sent_bytes=1000 + i + extra, recv_bytes=2000 + i,
+                                    first_ns=self.now_ns, last_ns=self.now_ns,
+                                    direction=abi.DIR_OUTGOING, state=abi.CONN_OPEN,
+                                    seen_start=1, comm=self.comm)
+        return abi.SOCK_INFO.pack(tuple=self.key(i), has_tuple=1, stats=stats)
+
+
 def poll_child(sizes):
     """In a child: fill the socks map with synthetic TCP connections (each
     socket's life and its owner's counters, as the kernel keeps them) and
     time reads and polls; prints one JSON object."""
-    import abi
-    import conntrack
     import tracer
     t = tracer.Tracer(max_conns=max(sizes) * 2)
     socks = t.map("socks")
-    now_ns = conntrack.monotonic_ns()
-    comm = b"bench".ljust(16, b"\0")
-
-    def sk(i):
-        return (0xffff888000000000 + i * 2048).to_bytes(8, "little")
-
-    def key(i):
-        daddr = bytes([127, 1 + (i >> 16) % 200, (i >> 8) & 255, i & 255]).ljust(16, b"\0")
-        return abi.CONN_TUPLE.pack(saddr=b"\x7f\0\0\x01", daddr=daddr, netns=4026531840,
-                                   pid=0x7ff00000, sport=40000 + i % 20000, dport=443, family=4,
-                                   proto=abi.TRACER_PROTO_TCP, life=i + 1)
-
-    def value(i, extra=0):
-        stats = abi.CONN_STATS.pack(sent_bytes=1000 + i + extra, recv_bytes=2000 + i,
-                                    first_ns=now_ns, last_ns=now_ns, direction=abi.DIR_OUTGOING,
-                                    state=abi.CONN_OPEN, seen_start=1, comm=comm)
-        return abi.SOCK_INFO.pack(tuple=key(i), has_tuple=1, stats=stats)
+    syn = Synthetic()
+    sk, key, value = syn.sk, syn.key, syn.value
 
     def timed(fn, n=3):
         xs = []
@@ -627,8 +644,7 @@ def poll_child(sizes):
         table = t.new_table()
         table.poll()  # the first poll reads everything
         r["poll_steady_dirty_s"] = timed(table.poll)
-        step = max(1, n // 100)
-        for i in range(0, n, step):  # 1 % of the connections move, as the kernel would mark them
+        for i in range(0, n, 100):  # 1 % of the connections move, as the kernel would mark them
             socks.update(sk(i), value(i, 2))
             dirty.update(key(i), sk(i))
         t0 = time.perf_counter()
@@ -643,6 +659,118 @@ def poll_child(sizes):
         out["sizes"][str(n)] = r
     t.close()
     print(json.dumps(out), flush=True)
+
+
+def fill_synthetic(t, n, syn):
+    """n synthetic connections into the tracer t's socks map, each marked in
+    the dirty set as the kernel marks a new entry (a full dirty set counts
+    dirty_lost, as the kernel does, so that the next poll reads the tables)."""
+    import abi
+    import bpfsys
+    socks, dirty, tele = t.map("socks"), t.map("dirty"), t.map("telemetry")
+    lost = 0
+    for i in range(n):
+        socks.update(syn.sk(i), syn.value(i))
+        if not lost:
+            try:
+                dirty.update(syn.key(i), syn.sk(i))
+            except bpfsys.BPFError:
+                lost = 1
+    if lost:
+        slot = abi.TELE_DIRTY_LOST.to_bytes(4, "little")
+        was = int.from_bytes(tele.lookup(slot), "little")
+        tele.update(slot, (was + 1).to_bytes(8, "little"))
+
+
+def mem_child(mode, n, tree):
+    """In a fresh child, the tracer of checkout tree with n synthetic
+    connections: mode "library" polls as a library caller does (the first
+    poll reports all n, then steady polls, 1 % moving, the expiry pass, a
+    snapshot); "json" and "table" run the command line (tracer.py --json,
+    tracer.py -C) for 3 intervals, stdout to /dev/null.  Prints one JSON
+    object with VmHWM (kB) and times."""
+    sys.path.insert(0, tree)
+    for m in ("abi", "bpfsys", "conntrack", "tracer", "cli"):
+        sys.modules.pop(m, None)
+    import tracer
+    syn = Synthetic()
+    r = {"mode": mode, "entries": n, "tree": tree}
+    if mode != "library":
+        import cli
+        opened = tracer.Tracer._open
+
+        def _open(self, *args):
+            opened(self, *args)
+            fill_synthetic(self, n, syn)
+            r["filled_hwm_kb"] = vm_hwm_kb(os.getpid())
+        tracer.Tracer._open = _open
+        argv = ["--max-conns", str(2 * n), "--interval", "0.5", "--count", "3"]
+        argv += ["--json"] if mode == "json" else ["-C"]
+        stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+        try:
+            r["rc"] = cli.main(argv)
+        finally:
+            sys.stdout.close()
+            sys.stdout = stdout
+        r["vm_hwm_kb"] = vm_hwm_kb(os.getpid())
+        print(json.dumps(r), flush=True)
+        return
+    t = tracer.Tracer(max_conns=2 * n)
+    fill_synthetic(t, n, syn)
+    r["filled_hwm_kb"] = vm_hwm_kb(os.getpid())
+    t0 = time.perf_counter()
+    recs = t.poll()
+    r["poll_first_s"] = time.perf_counter() - t0
+    r["poll_first_records"] = len(recs)
+    r["first_hwm_kb"] = vm_hwm_kb(os.getpid())
+    steady = []
+    for _ in range(5):  # the second poll reads again what the first drained
+        t0 = time.perf_counter()
+        recs = t.poll()
+        steady.append(time.perf_counter() - t0)
+    r["poll_second_s"], r["poll_steady_s"] = steady[0], median(steady[2:])
+    socks, dirty = t.map("socks"), t.map("dirty")
+    for i in range(0, n, 100):  # 1 % of the connections move
+        socks.update(syn.sk(i), syn.value(i, 2))
+        dirty.update(syn.key(i), syn.sk(i))
+    t0 = time.perf_counter()
+    recs = t.poll()
+    r["poll_1pct_s"] = time.perf_counter() - t0
+    r["poll_1pct_records"] = len(recs)
+    t._table.next_full_ns = 0
+    t0 = time.perf_counter()
+    recs = t.poll()
+    r["poll_with_expiry_s"] = time.perf_counter() - t0
+    del recs
+    t0 = time.perf_counter()
+    snap = t.snapshot()
+    r["snapshot_s"] = time.perf_counter() - t0
+    r["snapshot_records"] = len(snap)
+    del snap
+    r["vm_hwm_kb"] = vm_hwm_kb(os.getpid())
+    t.close()
+    print(json.dumps(r), flush=True)
+
+
+def bench_mem(a, res):
+    """VmHWM and poll times at 100k connections, each in a fresh process:
+    the library and the command line (--json, -C), this tree and, with
+    --baseline, the other, one after the other."""
+    n = 100000 if not a.quick else 20000
+    trees = [("tracer", REPO)] + ([("baseline", os.path.abspath(a.baseline))] if a.baseline else [])
+    res["mem"] = {"entries": n, "runs": []}
+    for mode in ("library", "json", "table"):
+        for name, tree in trees:
+            log("memory at %d connections: %s, %s" % (n, mode, name))
+            try:
+                out = subprocess.check_output(
+                    [PY, os.path.join(HERE, "run.py"), "--mem-child", "%s,%d,%s" % (mode, n, tree)],
+                    universal_newlines=True, timeout=600)
+                r = json.loads(out.strip().splitlines()[-1])
+            except (subprocess.SubprocessError, ValueError) as e:
+                r = {"mode": mode, "error": str(e).splitlines()[0]}
+            r["name"] = name
+            res["mem"]["runs"].append(r)
 
 
 def bench_poll(a, res):
@@ -887,6 +1015,23 @@ def report(res):
             print("   %8s %12.2fms %14.2fms %16.2fms" % (n, 1e3 * r["poll_steady_dirty_s"],
                                                       1e3 * r["poll_1pct_dirty_s"],
                                                       1e3 * r.get("poll_with_expiry_s", 0)))
+    m = res.get("mem")
+    if m:
+        print("\n3b. %d connections, each run a fresh process (VmHWM: its peak RSS)" % m["entries"])
+        print("   %-8s %-9s %9s %12s %11s %11s %11s %11s %11s" % (
+            "mode", "tree", "VmHWM", "(1st poll)", "first poll", "steady", "1 % moved",
+            "expiry too", "snapshot"))
+        for r in m["runs"]:
+            if "error" in r:
+                print("   %-8s %-9s %s" % (r["mode"], r["name"], r["error"]))
+                continue
+            ms = lambda k: "%9.1fms" % (1e3 * r[k]) if k in r else "%11s" % "-"
+            first = ("%10.1fMB" % (r["first_hwm_kb"] / 1024.0) if r.get("first_hwm_kb")
+                     else "%12s" % "-")
+            print("   %-8s %-9s %7.1fMB %s %s %s %s %s %s" % (
+                r["mode"], r["name"], r["vm_hwm_kb"] / 1024.0, first, ms("poll_first_s"),
+                ms("poll_steady_s"), ms("poll_1pct_s"), ms("poll_with_expiry_s"),
+                ms("snapshot_s")))
     r = res.get("rss")
     if r:
         print("\n4. peak RSS (VmHWM) under the ping-pong load, polling every 0.5 s")
@@ -918,7 +1063,7 @@ def report(res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="startup,hotpath,poll,rss,correct")
+    ap.add_argument("--only", default="startup,hotpath,poll,mem,rss,correct")
     ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds (default 4)")
     ap.add_argument("--seconds", type=float, default=1.0,
                     help="seconds per ping-pong sample (default 1)")
@@ -935,11 +1080,16 @@ def main(argv=None):
     ap.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--poll-child", help=argparse.SUPPRESS)
+    ap.add_argument("--mem-child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.hold:
         return hold_main(a)
     if a.poll_child:
         poll_child([int(x) for x in a.poll_child.split(",")])
+        return 0
+    if a.mem_child:
+        mode, n, tree = a.mem_child.split(",", 2)
+        mem_child(mode, int(n), tree)
         return 0
     if os.geteuid() != 0:
         sys.stderr.write("bench: needs root (it loads BPF programs)\n")
@@ -959,6 +1109,8 @@ def main(argv=None):
             bench_hotpath(a, res, exe)
         if "poll" in only:
             bench_poll(a, res)
+        if "mem" in only:
+            bench_mem(a, res)
         if "rss" in only:
             bench_rss(a, res, exe)
         if "correct" in only:
