@@ -575,9 +575,19 @@ class ProcessTotals(object):
         return list(procs.values())
 
 
-def terminal_size():
+def terminal_size(real=False):
+    """(columns, lines) to lay the table out for (at least 40 x 5), or with
+    real, the terminal's own."""
     size = shutil.get_terminal_size((80, 24))
+    if real:
+        return size.columns, size.lines
     return max(40, size.columns), max(5, size.lines)
+
+
+def redraws(stream):
+    """Whether the screen can be redrawn in place: a terminal that knows the
+    cursor controls (not TERM=dumb, as in an editor's shell buffer)."""
+    return stream.isatty() and os.environ.get("TERM", "") not in ("dumb", "")
 
 
 def describe_filters(args):
@@ -666,7 +676,7 @@ class Output(object):
     def __init__(self, args, tr, stream):
         self.args, self.tr, self.out = args, tr, stream
         self.intervals = 0
-        self.live = stream.isatty() and not args.scroll and not args.json
+        self.live = redraws(stream) and not args.scroll and not args.json
         self.procs = ProcessTotals() if args.by_process else None
         self.last_at = time.monotonic()
 
@@ -731,6 +741,11 @@ class Output(object):
             lines.append(("+%d more (%s)" % (more, "--rows, or a taller terminal, shows more"
                                              if self.live else "--rows shows more"))[:width])
         if self.live:
+            # narrower or lower than the least the layout takes: lines cut at
+            # the edge and the screen's last rows left out (a line that
+            # wrapped would scroll the screen and garble every redraw)
+            cols, high = terminal_size(real=True)
+            lines = [l[:cols] for l in lines[:max(1, high - 1)]]
             return HOME + "".join(l + CLEAR_EOL + "\n" for l in lines) + CLEAR_EOS
         return "\n" + "\n".join(lines) + "\n"
 

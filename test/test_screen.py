@@ -9,12 +9,17 @@ import re
 import pytest
 
 from conftest import need_tracepoint_backend
-from screen import Fleet, Terminal
+from screen import END_OF_FRAME, ESCAPE, Fleet, Terminal
 import cli
 
 HEADER = re.compile(r"^\d\d:\d\d:\d\d( \(final\))?  \d+ (active|process|processes), ")
 
 pytestmark = pytest.mark.root
+
+
+def screen_lines(raw):
+    """The lines of one redraw as written (cursor controls removed)."""
+    return [l.rstrip("\r") for l in ESCAPE.sub(b"", raw).decode("utf-8", "replace").split("\n")]
 
 
 def _rows(frame, comm, pid=None):
@@ -160,6 +165,43 @@ def test_by_process_screen_counts_connections_and_bytes():
     tx = sum(int(r[5]) if r[5].isdigit() else 1024 * float(r[5][:-1])
              for f in frames for r in _rows(f, "fleetP", fleet.pid))
     assert 1100 - 60 < tx <= 1100 + 60  # 1.1K is rounded; the sum of exact intervals
+
+
+def test_terminal_smaller_than_the_layout_cuts_lines_instead_of_wrapping():
+    """30x6, below the 40x5 the table is laid out for: each redraw stays
+    within the screen (lines cut at its edge, no more lines than it has),
+    so the header stays on the first line and nothing scrolls."""
+    need_tracepoint_backend()
+    with Terminal(30, 6, "--interval", "1", "--count", "3", "--tcp") as term:
+        term.wait_for("Ctrl-C to end")
+        fleet = Fleet("fleet30", 3)
+        try:
+            term.wait_frames(1)
+            fleet.send(100)
+            assert term.finish() == 0
+        finally:
+            fleet.close()
+    frames = term.frames()
+    assert len(frames) == 3, term.raw[-2000:]
+    redraws = term.raw.split(b"Ctrl-C to end.", 1)[1].split(END_OF_FRAME)[:-1]
+    for frame, raw in zip(frames, redraws):
+        assert HEADER.match(frame[0]), frame
+        assert frame[1].split()[:2] == ["PID", "COMM"], frame
+        assert len([l for l in screen_lines(raw) if l]) <= 5, raw   # the cursor's line is the 6th
+        assert all(len(l) <= 30 for l in screen_lines(raw)), raw
+    assert any(l.split()[:2] == [str(fleet.pid), "fleet30"] for f in frames for l in f), frames
+    assert b"Traceback" not in term.raw
+
+
+def test_dumb_terminal_appends_without_cursor_controls():
+    """TERM=dumb (an editor's shell buffer): tables appended, as with -C."""
+    need_tracepoint_backend()
+    with Terminal(80, 24, "--interval", "0.5", "--count", "2", "--tcp",
+                  env={"TERM": "dumb"}) as term:
+        assert term.finish() == 0
+    assert b"\x1b[" not in term.raw, term.raw[-2000:]
+    heads = [l for l in term.printed_lines() if HEADER.match(l)]
+    assert len(heads) == 2, term.raw[-2000:]
 
 
 @pytest.fixture
