@@ -367,6 +367,7 @@ def rtt_matches_tcp_info(backend, rounds=30, gap=0.02):
 
 NETEM_SERVER = r"""
 import json, socket, subprocess, sys
+print("in", flush=True)             # in our own namespace now (unshare has run)
 sys.stdin.readline()                # the parent has moved our veth end here
 for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "10.99.0.2/24", "dev", "vb"],
             ["ip", "link", "set", "vb", "up"],
@@ -390,6 +391,8 @@ NETEM_CLIENT = r"""
 import json, os, socket, struct, subprocess, sys, time
 srv = subprocess.Popen(["unshare", "--net", sys.executable, "-c", sys.argv[1]],
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+# (moved before unshare made the server's namespace, vb would stay in ours)
+assert srv.stdout.readline() == "in\n"
 for cmd in (["ip", "link", "set", "lo", "up"],
             ["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb"],
             ["ip", "link", "set", "vb", "netns", str(srv.pid)],
@@ -402,7 +405,10 @@ port = json.loads(srv.stdout.readline())["port"]
 c = socket.create_connection(("10.99.0.2", port), timeout=10)
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 times = []
-for i in range(12):                 # request/reply: each ACK rides on the reply
+# request/reply, each ACK riding on the reply; enough of them that the
+# smoothed RTT (1/8 of each sample) has forgotten the handshake's and any
+# slow first sample (a busy qemu guest: 103 ms against 84 after 12)
+for i in range(40):
     t0 = time.monotonic()
     c.sendall(b"q" * 100)
     got = 0
