@@ -18,7 +18,24 @@ import pytest
 
 from endings import FAMILIES, expect_exact, run
 
-SENDTO_PEERS = r'''
+# helpers of the scripts below
+UDP = r'''
+    def udp_side(fam, laddr, lport, raddr, rport, sent=0, recv=0):
+        say(side=dict(pid=os.getpid(), proto="udp", family=fam, laddr=laddr, lport=lport,
+                      raddr=raddr, rport=rport, sent=sent, recv=recv, state="open"))
+
+    def server_and_client(fam):
+        """(address, server socket, its address, a client socket bound)"""
+        addr = ADDR[fam]
+        srv = socket.socket(AF[fam], socket.SOCK_DGRAM)
+        srv.bind((addr, 0))
+        srv.settimeout(20)
+        c = socket.socket(AF[fam], socket.SOCK_DGRAM)
+        c.bind((addr, 0))
+        return addr, srv, srv.getsockname()[:2], c
+'''
+
+SENDTO_PEERS = UDP + r'''
     kind = sys.argv[1]
     fam = 6 if kind == "6" else 4
     addr = ADDR[fam]
@@ -53,11 +70,8 @@ SENDTO_PEERS = r'''
     cport = c.getsockname()[1]
     for i, s in enumerate(servers):
         sport = s.getsockname()[1]
-        say(side=dict(pid=os.getpid(), proto="udp", family=4 if kind == "mapped" else fam,
-                      laddr=claddr, lport=cport, raddr=addr, rport=sport, sent=sent[i], recv=0,
-                      state="open"))
-        say(side=dict(pid=os.getpid(), proto="udp", family=fam, laddr=addr, lport=sport,
-                      raddr=peer[i][0], rport=peer[i][1], sent=0, recv=got[i], state="open"))
+        udp_side(4 if kind == "mapped" else fam, claddr, cport, addr, sport, sent=sent[i])
+        udp_side(fam, addr, sport, peer[i][0], peer[i][1], recv=got[i])
 '''
 
 
@@ -71,15 +85,9 @@ def test_udp_sendto_several_peers_from_one_unconnected_socket(col, kind):
     expect_exact(col, h.sides, "sendto() to three peers (%s)" % kind)
 
 
-CORKED = r'''
+CORKED = UDP + r'''
     fam, how = int(sys.argv[1]), sys.argv[2]
-    addr = ADDR[fam]
-    srv = socket.socket(AF[fam], socket.SOCK_DGRAM)
-    srv.bind((addr, 0))
-    srv.settimeout(20)
-    dst = srv.getsockname()[:2]
-    c = socket.socket(AF[fam], socket.SOCK_DGRAM)
-    c.bind((addr, 0))
+    addr, srv, dst, c = server_and_client(fam)
     sent = 0
     for k in range(4):
         if how == "msg_more":  # unconnected: the address on each call
@@ -99,11 +107,8 @@ CORKED = r'''
         got.append(len(data))
     if len(got) != 4 or sum(got) != sent:
         fail("expected 4 datagrams of %d bytes in all, got %r" % (sent, got))
-    say(side=dict(pid=os.getpid(), proto="udp", family=fam, laddr=addr,
-                  lport=c.getsockname()[1], raddr=addr, rport=dst[1], sent=sent, recv=0,
-                  state="open"))
-    say(side=dict(pid=os.getpid(), proto="udp", family=fam, laddr=addr, lport=dst[1],
-                  raddr=peer[0], rport=peer[1], sent=0, recv=sum(got), state="open"))
+    udp_side(fam, addr, c.getsockname()[1], addr, dst[1], sent=sent)
+    udp_side(fam, addr, dst[1], peer[0], peer[1], recv=sum(got))
 '''
 
 
@@ -123,14 +128,10 @@ def test_udp_several_calls_one_datagram(col, family, how):
         raise
 
 
-FAILED = r'''
+FAILED = UDP + r'''
     import errno
     sys.path.insert(0, sys.argv[1])
-    addr = ADDR[4]
-    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    srv.bind((addr, 0))
-    srv.settimeout(20)
-    dst = srv.getsockname()
+    addr, srv, dst, c = server_and_client(4)
 
     def refused(fn, err):
         try:
@@ -141,8 +142,6 @@ FAILED = r'''
             return
         fail("expected %s, the send succeeded" % errno.errorcode[err])
 
-    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # connected
-    c.bind((addr, 0))
     c.connect(dst)
     sent = c.send(b"m" * 10, socket.MSG_MORE)          # pending, corked
     refused(lambda: c.send(b"x" * 70000), errno.EMSGSIZE)
@@ -197,10 +196,8 @@ FAILED = r'''
         fail("the server received %r" % got)
     say(dropped=dropped)
     for s, n in ((c, sent), (u, usent)):
-        say(side=dict(pid=os.getpid(), proto="udp", family=4, laddr=addr, lport=s.getsockname()[1],
-                      raddr=addr, rport=dst[1], sent=n, recv=0, state="open"))
-        say(side=dict(pid=os.getpid(), proto="udp", family=4, laddr=addr, lport=dst[1], raddr=addr,
-                      rport=s.getsockname()[1], sent=0, recv=n, state="open"))
+        udp_side(4, addr, s.getsockname()[1], addr, dst[1], sent=n)
+        udp_side(4, addr, dst[1], addr, s.getsockname()[1], recv=n)
 '''
 
 
@@ -223,19 +220,11 @@ def test_udp_sends_that_fail(col):
     expect_exact(col, sides, "sends that fail (egress drop of %d bytes)" % dropped)
 
 
-FORK_SHARED = r'''
+FORK_SHARED = UDP + r'''
     fam = int(sys.argv[1])
-    addr = ADDR[fam]
-    srv = socket.socket(AF[fam], socket.SOCK_DGRAM)
-    srv.bind((addr, 0))
-    srv.settimeout(20)
-    dst = srv.getsockname()[:2]
-    c = socket.socket(AF[fam], socket.SOCK_DGRAM)
-    c.bind((addr, 0))
+    addr, srv, dst, c = server_and_client(fam)
     cport = c.getsockname()[1]
-    side = lambda n: say(side=dict(pid=os.getpid(), proto="udp", family=fam, laddr=addr,
-                                   lport=cport, raddr=addr, rport=dst[1], sent=n, recv=0,
-                                   state="open"))
+    side = lambda n: udp_side(fam, addr, cport, addr, dst[1], sent=n)
     child = os.fork()
     if child == 0:
         n = c.sendto(b"c" * 30, dst) + c.sendto(b"C" * 3, dst)
@@ -245,8 +234,7 @@ FORK_SHARED = r'''
     n = c.sendto(b"p" * 40, dst)
     got = sum(len(srv.recv(65536)) for _ in range(3))
     side(n)
-    say(side=dict(pid=os.getpid(), proto="udp", family=fam, laddr=addr, lport=dst[1], raddr=addr,
-                  rport=cport, sent=0, recv=got, state="open"))
+    udp_side(fam, addr, dst[1], addr, cport, recv=got)
 '''
 
 
