@@ -115,6 +115,7 @@ EV_UDP_OPEN = 5
 
 SOCK_OTHERS = 3
 SKC_BLOCK = 128  # the bytes of struct sock that read_tuple_block copies
+FL_BLOCK = 64  # the bytes of a struct flowi4/flowi6 read from its daddr
 
 # offsets.want
 WANT_TCP = 1
@@ -130,6 +131,7 @@ GUESS_TASK_AT = 2
 GUESS_SKB_AT = 3
 GUESS_QSKB_AT = 4
 GUESS_STATE = 5
+GUESS_SEND_SKB = 6
 GUESS_SKB_BEFORE = 128
 GUESS_SK_BYTES = 2048
 GUESS_NET_BYTES = 2048
@@ -176,7 +178,7 @@ TPF_MAX = 24
 
 # the prefixes of the constants above: test_layout checks each against the header
 C_PREFIXES = ("TRACER_PROTO_", "DIR_", "CONN_", "END_", "EV_", "SOCK_OTHERS", "SKC_BLOCK", "WANT_",
-              "GUESS_", "TELE_", "TPF_")
+              "GUESS_", "TELE_", "TPF_", "FL_BLOCK")
 CONSTANTS = collections.OrderedDict(
     (k, v) for k, v in sorted(globals().items(), key=lambda kv: kv[0])
     if k.startswith(C_PREFIXES) and isinstance(v, int))
@@ -223,6 +225,7 @@ STASH = CStruct("stash", [
 OFFSETS = CStruct("offsets", [(name, "I") for name in (
     "ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state", "protocol",
     "v6_daddr", "v6_saddr", "net", "netns_inum", "gen", "task_comm", "task_leader", "skb_data",
+    "skb_sk", "skb_len", "skb_head", "skb_thdr", "fl4_daddr", "fl4_dport", "fl6_daddr", "fl6_dport",
     "sk_rcvq", "udp_readerq", "want", "pid_filter", "port_filter", "skc_block", "sk_err", "srtt",
     "mdev", "inet_sport")])
 # struct guess_req: what the guessing thread asks for (guess_req map)

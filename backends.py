@@ -194,7 +194,7 @@ REGISTRY = (
             guess_options=dict(want_protocol=True, want_skb=False, want_queues=True),
             fallbacks=SYSCALL_FALLBACK),
     Backend("kprobe",
-            "kprobes and kretprobes on tcp_sendmsg, tcp_recvmsg, udp_sendmsg, "
+            "kprobes and kretprobes on tcp_sendmsg, tcp_recvmsg, udp_send_skb, "
             "skb_consume_udp, ... (kprobe PMU, else tracefs kprobe_events with unique names "
             "removed on exit; kretprobes through tracefs with a large maxactive) and the tcp "
             "tracepoints.  Linux 5.8+ with CONFIG_KPROBES.",
@@ -210,15 +210,14 @@ REGISTRY = (
                 ("tp_tcp_retransmit_skb{err}", TCP),
                 ("tp_tcp_destroy_sock", TCP),
                 ("tp_tcp_retransmit_synack", TCP),
-                ("kp_udp_sendmsg", UDP),
-                ("krp_udp_sendmsg", UDP),
-                ("kp_udpv6_sendmsg", UDP),
-                ("krp_udpv6_sendmsg", UDP),
+                ("kp_udp_send_skb", UDP),
+                ("kp_udp_v6_send_skb", UDP),
                 ("kp_skb_consume_udp", UDP)),
             guess=("guess_udp_sendmsg", "guess_tcp_sendmsg", "guess_skb_consume_udp",
-                   "guess_inet_sock_set_state"),
+                   "guess_inet_sock_set_state", "guess_udp_send_skb", "guess_udp_v6_send_skb"),
             available=_kprobe_available,
-            guess_options=dict(want_protocol=False, want_skb=True, want_queues=False)),
+            guess_options=dict(want_protocol=False, want_skb=True, want_queues=False,
+                               want_send_skb=True)),
 )
 BY_NAME = collections.OrderedDict((b.name, b) for b in REGISTRY)
 NAMES = tuple(BY_NAME)

@@ -23,8 +23,8 @@ import time
 
 import abi
 import bpfsys
-from abi import (GUESS_QSKB_AT, GUESS_SK_BYTES, GUESS_SKB_AT, GUESS_SKB_BEFORE,
-                 GUESS_SOCK, GUESS_STATE, GUESS_TASK, GUESS_TASK_AT, SKC_BLOCK)
+from abi import (FL_BLOCK, GUESS_QSKB_AT, GUESS_SEND_SKB, GUESS_SK_BYTES, GUESS_SKB_AT,
+                 GUESS_SKB_BEFORE, GUESS_SOCK, GUESS_STATE, GUESS_TASK, GUESS_TASK_AT, SKC_BLOCK)
 
 TCP_FIN_WAIT1, TCP_CLOSE = 4, 7
 AF_INET, AF_INET6 = 2, 10
@@ -540,6 +540,132 @@ def _guess_skb_data(prober):
     raise GuessError("could not find the data pointer in struct sk_buff")
 
 
+SEND_SKB_ROUNDS, SEND_SKB_ROUNDS_MAX = 6, 12  # datagrams dumped: at least, at most
+# IP options (NOPs, then an end of list) that make the IPv4 header 24 or 28 bytes
+IP_OPTS = (b"", b"\x01\x01\x01\x00", b"\x01\x01\x01\x01\x01\x01\x01\x00")
+IP_OPTIONS = 4  # setsockopt(IPPROTO_IP, IP_OPTIONS)
+KERNEL_PTR = 0xffff800000000000
+FLOW_BYTES = 128  # where a flow's daddr and dport are looked for (struct flowi6 is ~90 bytes)
+
+
+def _send_skb_dump(prober, family, ipopt):
+    """One datagram of a random size from a fresh unconnected socket to a
+    random address (IPv6: ::1) and port, dumped where udp_send_skb or
+    udp_v6_send_skb sees it.  Returns a dict: the socket's address (sk;
+    IPv4 only, None for IPv6),
+    payload size, IP header length, destination, port and the two dumps
+    (sk_buff, flow); None when a dump is missing."""
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET:
+            s.bind((_rand_v4(), 0))
+            dst = _rand_v4()
+            if ipopt:
+                s.setsockopt(socket.IPPROTO_IP, IP_OPTIONS, ipopt)
+        else:
+            s.bind(("::1", 0))
+            dst = "::1"
+        port = random.randint(20000, 60000)
+        size = random.randint(1, 1400)
+        payload = os.urandom(size)
+        send = lambda: s.sendto(payload, (dst, port))
+        # the struct sock's address, where guess_udp_sendmsg sees it (IPv4)
+        sk = prober.probe_with(send) if family == socket.AF_INET else None
+        got = prober.probe_with(send, mode=GUESS_SEND_SKB)
+    finally:
+        s.close()
+    if (family == socket.AF_INET and sk is None) or got is None or \
+            len(got[0]) < abi.GUESS_CHUNK or len(got[1]) < FL_BLOCK:
+        return None
+    return dict(sk=sk and sk[2], size=size, iphdr=(20 + len(ipopt)) if family == socket.AF_INET else 40,
+                dst=socket.inet_pton(family, dst), port=port, skb=got[0], fl=got[1], family=family)
+
+
+def _send_skb_fields(d, skb_data):
+    """{field: candidate offsets} in one dump of _send_skb_dump."""
+    skb, fl = d["skb"], d["fl"]
+    u64 = lambda at: struct.unpack_from("<Q", skb, at)[0]
+    data = u64(skb_data)
+    c = {"skb_len": set(_find_all(skb, struct.pack("<I", d["size"] + 8 + d["iphdr"]), 4))}
+    if d["sk"]:
+        c["skb_sk"] = set(_find_all(skb, struct.pack("<Q", d["sk"]), 8))
+    # head: a pointer a little below data; transport_header: the u16 that is
+    # the IP header's length past data, counted from head
+    pairs = set()
+    for h in range(0, len(skb) - 7, 8):
+        head = u64(h)
+        if h == skb_data or head < KERNEL_PTR or not 0 <= data - head < 0x8000:
+            continue
+        pairs.update((h, t) for t in _u16s(skb, data - head + d["iphdr"]))
+    c["skb_head+thdr"] = pairs
+    v = "4" if d["family"] == socket.AF_INET else "6"
+    c["fl%s_daddr" % v] = set(_find_all(fl[:FLOW_BYTES], d["dst"], 4))
+    c["fl%s_dport" % v] = set(_find_all(fl[:FLOW_BYTES], struct.pack(">H", d["port"]), 2))
+    return c
+
+
+def _flow_layout(cands, ipv6):
+    """The candidates left once the flows' layout holds: struct flowi4 is
+    flowi_common, saddr, daddr, then the ports (dport first); struct flowi6
+    is flowi_common, daddr, saddr, flowlabel, then the ports.  (The sender's
+    stack holds other copies of the address and port near the flow.)"""
+    left = dict((f, sorted(v)) for f, v in cands.items())
+    v4 = left["fl4_daddr"]
+    left["fl4_daddr"] = [o for o in v4 if o + 4 in left["fl4_dport"]]
+    left["fl4_dport"] = [o for o in left["fl4_dport"] if o - 4 in v4]
+    if ipv6 and "fl6_daddr" in left:
+        v6 = left["fl6_daddr"]
+        left["fl6_daddr"] = [o for o in v6 if o + 36 in left["fl6_dport"] and o + 4 in v4]
+        left["fl6_dport"] = [o for o in left["fl6_dport"] if o - 36 in v6]
+    return left
+
+
+def _guess_send_skb(prober, skb_data, ipv6):
+    """The sk_buff and flow fields that udp_send_skb / udp_v6_send_skb
+    give a UDP datagram: skb->sk, len, head and transport_header (the
+    payload is len - (head + transport_header - data) - 8), the flow's
+    daddr and dport.  Datagrams of random sizes from sockets of random
+    addresses to random ports, IPv4 with 0, 4 and 8 bytes of IP options
+    and IPv6, until every field has one candidate left (_flow_layout).
+    IPv6 on a loopback has one address (::1, source and destination
+    alike): struct flowi6's daddr is the ::1 that lies 36 bytes before its
+    dport and 4 bytes before flowi4's daddr (both follow flowi_common)."""
+    cands = {}
+    families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
+    for n in range(SEND_SKB_ROUNDS_MAX):
+        family = families[n % len(families)]
+        opts = IP_OPTS[(n // len(families)) % len(IP_OPTS)] if family == socket.AF_INET else b""
+        d = _send_skb_dump(prober, family, opts)
+        if d is None:
+            raise GuessError("udp_send_skb: the guess program saw no datagram of ours")
+        for f, offs in _send_skb_fields(d, skb_data).items():
+            cands[f] = offs if f not in cands else cands[f] & offs
+        left = _flow_layout(cands, ipv6)
+        if n + 1 >= SEND_SKB_ROUNDS and all(len(v) == 1 for v in left.values()):
+            break
+    for f, offs in sorted(left.items()):
+        if len(offs) != 1:
+            raise GuessError("udp_send_skb: %d candidates for %s after %d datagrams, not 1"
+                             % (len(offs), f.replace("+", " and "), n + 1))
+    (head, thdr), = left.pop("skb_head+thdr")
+    out = dict((f, offs[0]) for f, offs in left.items())
+    out.update(skb_head=head, skb_thdr=thdr)
+    # what the kernel side reads in one go: len, transport_header, head and
+    # data within SKC_BLOCK bytes from len; each flow's dport within
+    # FL_BLOCK bytes after its daddr
+    fields = ((out["skb_thdr"], 2), (out["skb_head"], 8), (skb_data, 8))
+    if any(not out["skb_len"] < at <= out["skb_len"] + SKC_BLOCK - size for at, size in fields):
+        raise GuessError("udp_send_skb: sk_buff's len, transport_header, head and data (at %d, %d, "
+                         "%d, %d) do not lie within %d bytes" % (
+                             out["skb_len"], out["skb_thdr"], out["skb_head"], skb_data, SKC_BLOCK))
+    for v in ("4", "6") if ipv6 else ("4",):
+        daddr, dport = out["fl%s_daddr" % v], out["fl%s_dport" % v]
+        if not daddr < dport <= daddr + FL_BLOCK - 2:
+            raise GuessError("udp_send_skb: struct flowi%s's dport (at %d) is not within %d bytes "
+                             "after its daddr (at %d)" % (v, dport, FL_BLOCK, daddr))
+    return out
+
+
 def _guess_udp_queues(prober):
     """struct sock's sk_receive_queue, udp_sock's reader_queue (each a
     struct sk_buff_head: next, prev, qlen) and sk_buff's data pointer, for
@@ -595,7 +721,8 @@ def _guess_udp_queues(prober):
         b.close()
 
 
-def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False):
+def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False,
+          want_send_skb=False):
     """Guess the offsets with the guess program already attached; returns
     Offsets.  maps: the object's live maps (guess_req, guess_dump)."""
     start = time.time()
@@ -634,6 +761,8 @@ def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False
         values["net"], values["netns_inum"] = _guess_net(prober, v4_dumps[0], values["family"] + 4)
         if want_skb:
             values["skb_data"] = _guess_skb_data(prober)
+        if want_send_skb:
+            values.update(_guess_send_skb(prober, values["skb_data"], bool(values.get("ipv6"))))
         if want_queues:
             try:
                 values["sk_rcvq"], values["udp_readerq"], values["skb_data"] = _guess_udp_queues(prober)

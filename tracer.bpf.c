@@ -1076,9 +1076,11 @@ INLINE struct sock_info *udp_home(__u64 key, struct offsets *o, struct conn_tupl
 
 /* p: the message's peer (family 0: none).  Never NULL: clang turns a NULL
  * check of it into code that older verifiers (5.10, 6.1) reject.  si: the
- * socket's socks entry (NULL: none).  how: UDP_* bits. */
+ * socket's socks entry (NULL: none).  how: UDP_* bits.  skb: a received
+ * datagram whose headers give the peer of an unconnected socket (read only
+ * then: a connected socket's peer is its own); NULL: none. */
 INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv, struct peer *p,
-		      struct sock_info *si, int how)
+		      struct sock_info *si, int how, const void *skb)
 {
 	struct conn_tuple t;
 	struct conn_stats *s;
@@ -1091,6 +1093,11 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 		return; /* before reading anything (what its cgroup hook left is this process's only) */
 	if (read_tuple_net(sk, o, tgid, TRACER_PROTO_UDP, &t, &net))
 		return;
+	if (skb && t.dport == 0) {
+		peer_from_skb(p, skb, o);
+		if (!p->family)
+			tele_add(TELE_PENDING_LOST);
+	}
 	/* a connected socket's peer is its own: the cgroup hooks leave
 	 * nothing for it, and the stash is not looked at */
 	if ((how & UDP_STASH) && t.dport == 0) {
@@ -1144,14 +1151,15 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 
 /* The same, where the socket's entry was not looked up yet (kprobe backend,
  * syscall fallback). */
-INLINE void udp_count_sk(const void *sk, struct offsets *o, __u64 sent, __u64 recv, struct peer *p)
+INLINE void udp_count_sk(const void *sk, struct offsets *o, __u64 sent, __u64 recv, struct peer *p,
+			 const void *skb)
 {
 	__u64 key = (__u64)sk;
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 
 	if (si && si->tuple.proto != TRACER_PROTO_UDP)
 		si = 0;
-	udp_count(sk, o, sent, recv, p, si, 0);
+	udp_count(sk, o, sent, recv, p, si, 0, skb);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1167,7 +1175,8 @@ INLINE void guess_sk(const void *sk, int newstate)
 
 	if (!g || g->pid_tgid != bpf_get_current_pid_tgid())
 		return;
-	if ((g->mode == GUESS_STATE) != (newstate >= 0) || (newstate >= 0 && newstate != g->state))
+	if ((g->mode == GUESS_STATE) != (newstate >= 0) || (newstate >= 0 && newstate != g->state) ||
+	    g->mode == GUESS_SEND_SKB)
 		return;
 	d = bpf_map_lookup_elem(&guess_dump, &zero);
 	if (!d)
@@ -1284,6 +1293,40 @@ int guess_tcp_sendmsg(struct pt_regs *ctx)
 	return 0;
 }
 
+/* udp_send_skb(skb, fl4, cork) / udp_v6_send_skb(skb, fl6, cork), in
+ * GUESS_SEND_SKB mode: the sk_buff's first GUESS_CHUNK bytes, and the
+ * flow's in the second area */
+INLINE void guess_send_skb(struct pt_regs *ctx)
+{
+	__u32 zero = 0;
+	struct guess_req *g = bpf_map_lookup_elem(&guess_req, &zero);
+	struct guess_dump *d;
+
+	if (!g || g->pid_tgid != bpf_get_current_pid_tgid() || g->mode != GUESS_SEND_SKB)
+		return;
+	d = bpf_map_lookup_elem(&guess_dump, &zero);
+	if (!d)
+		return;
+	d->sk = PARM1(ctx);
+	d->sk_ok = !bpf_probe_read_kernel(d->sk_bytes, GUESS_CHUNK, (void *)PARM1(ctx));
+	d->net_ok = !bpf_probe_read_kernel(d->net_bytes, GUESS_CHUNK, (void *)PARM2(ctx));
+	d->seq = g->seq;
+}
+
+SEC("kprobe/udp_send_skb")
+int guess_udp_send_skb(struct pt_regs *ctx)
+{
+	guess_send_skb(ctx);
+	return 0;
+}
+
+SEC("kprobe/udp_v6_send_skb")
+int guess_udp_v6_send_skb(struct pt_regs *ctx)
+{
+	guess_send_skb(ctx);
+	return 0;
+}
+
 /* ------------------------------------------------------------------ */
 /* tracepoint backend */
 
@@ -1335,7 +1378,7 @@ INLINE void on_send_length(const void *sk, long ret)
 			return;
 	}
 	if (ret > 0) {
-		udp_count(sk, o, ret, 0, &peer, si, UDP_STASH);
+		udp_count(sk, o, ret, 0, &peer, si, UDP_STASH, 0);
 		return;
 	}
 	st = bpf_map_lookup_elem(&stash, &id); /* a failed send: what its hook left goes */
@@ -1369,7 +1412,7 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 		if (proto != TRACER_PROTO_UDP)
 			return;
 	}
-	udp_count(sk, o, 0, ret, &none, si, o->sk_rcvq ? UDP_STASH | UDP_NOTE : UDP_STASH);
+	udp_count(sk, o, 0, ret, &none, si, o->sk_rcvq ? UDP_STASH | UDP_NOTE : UDP_STASH, 0);
 }
 
 /* A datagram (or TCP data) was queued on sk: for an unconnected UDP
@@ -1713,7 +1756,7 @@ INLINE void finish_recv(void)
 		peer_from_sockaddr(&p, (void *)st->uaddr, 1);
 		if (!p.family)
 			tele_add(TELE_PENDING_LOST);
-		udp_count_sk((void *)st->sk, o, 0, st->bytes, &p);
+		udp_count_sk((void *)st->sk, o, 0, st->bytes, &p, 0);
 	}
 	stash_clear(st);
 }
@@ -1864,55 +1907,69 @@ int krp_tcp_recvmsg(struct pt_regs *ctx)
 	return 0;
 }
 
-/* udp_sendmsg(sk, msg, len); kernel struct msghdr: msg_name at offset 0. */
-INLINE void udp_send_entry(struct pt_regs *ctx)
-{
-	struct stash st = {};
-	unsigned long name = 0;
-
-	st.sk = PARM1(ctx);
-	bpf_probe_read_kernel(&name, sizeof(name), (void *)PARM2(ctx));
-	if (name) {
-		peer_from_sockaddr(&st.peer, (void *)name, 0);
-		st.has_peer = 1;
-	}
-	stash_put(&st);
-}
-
-INLINE void udp_send_return(struct pt_regs *ctx)
+/* udp_send_skb(skb, fl4, cork) / udp_v6_send_skb(skb, fl6, cork): one UDP
+ * datagram handed to IP, once per datagram (an uncorked send from
+ * udp(v6)_sendmsg; a corked one, MSG_MORE or UDP_CORK, from
+ * udp(_v6)_push_pending_frames), in the sender's process context.  The
+ * socket is skb->sk; the peer is the flow's daddr and dport (the message
+ * address of an unconnected socket's sendto(), else the socket's own);
+ * the payload is skb->len minus the transport offset (head +
+ * transport_header - data: the IP header and its options) minus the UDP
+ * header.  One kprobe, no kretprobe, no stash.  Counted before
+ * ip_send_skb(): a datagram that IP then refuses (a firewall drop: EPERM)
+ * is counted although the call failed (README, "What is counted"). */
+INLINE void udp_sent_skb(struct pt_regs *ctx, __u8 family)
 {
 	struct offsets *o = ready_offsets();
-	struct stash copy, *st = stash_take(&copy);
-	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
-	if (o && st && ret > 0)
-		udp_count_sk((void *)st->sk, o, ret, 0, &st->peer);
+	__u32 fl_daddr, fl_dport;
+	const void *skb = (void *)PARM1(ctx);
+	__u32 zero = 0, len;
+	__u8 *b = bpf_map_lookup_elem(&skc_copy, &zero);
+	unsigned long sk = 0, head, data;
+	__u16 th, port;
+	long payload;
+	struct peer p = {};
+
+	if (!o || !o->skb_len || !b)
+		return;
+	fl_daddr = family == 4 ? o->fl4_daddr : o->fl6_daddr;
+	fl_dport = family == 4 ? o->fl4_dport : o->fl6_dport;
+	if (bpf_probe_read_kernel(&sk, sizeof(sk), skb + o->skb_sk) || !sk ||
+	    bpf_probe_read_kernel(b, SKC_BLOCK, skb + o->skb_len)) {
+		tele_add(TELE_READ_FAULTS);
+		return;
+	}
+	__builtin_memcpy(&len, b, 4);
+	__builtin_memcpy(&th, b + ((o->skb_thdr - o->skb_len) & (SKC_BLOCK - 1)), 2);
+	__builtin_memcpy(&head, b + ((o->skb_head - o->skb_len) & (SKC_BLOCK - 1)), 8);
+	__builtin_memcpy(&data, b + ((o->skb_data - o->skb_len) & (SKC_BLOCK - 1)), 8);
+	payload = (long)len - (long)(head + th - data) - 8;
+	if (payload <= 0)
+		return;
+	if (bpf_probe_read_kernel(b, FL_BLOCK, (void *)PARM2(ctx) + fl_daddr)) {
+		tele_add(TELE_READ_FAULTS);
+	} else {
+		p.family = family;
+		__builtin_memcpy(p.addr, b, 16); /* (v4: the first 4) */
+		if (family == 4)
+			__builtin_memset(p.addr + 4, 0, 12);
+		__builtin_memcpy(&port, b + ((fl_dport - fl_daddr) & (FL_BLOCK - 1)), 2);
+		p.port = swap16(port);
+	}
+	udp_count_sk((void *)sk, o, payload, 0, &p, 0);
 }
 
-SEC("kprobe/udp_sendmsg")
-int kp_udp_sendmsg(struct pt_regs *ctx)
+SEC("kprobe/udp_send_skb")
+int kp_udp_send_skb(struct pt_regs *ctx)
 {
-	udp_send_entry(ctx);
+	udp_sent_skb(ctx, 4);
 	return 0;
 }
 
-SEC("kretprobe/udp_sendmsg")
-int krp_udp_sendmsg(struct pt_regs *ctx)
+SEC("kprobe/udp_v6_send_skb")
+int kp_udp_v6_send_skb(struct pt_regs *ctx)
 {
-	udp_send_return(ctx);
-	return 0;
-}
-
-SEC("kprobe/udpv6_sendmsg")
-int kp_udpv6_sendmsg(struct pt_regs *ctx)
-{
-	udp_send_entry(ctx);
-	return 0;
-}
-
-SEC("kretprobe/udpv6_sendmsg")
-int krp_udpv6_sendmsg(struct pt_regs *ctx)
-{
-	udp_send_return(ctx);
+	udp_sent_skb(ctx, 6);
 	return 0;
 }
 
@@ -1929,9 +1986,7 @@ int kp_skb_consume_udp(struct pt_regs *ctx)
 
 	if (!o || len <= 0)
 		return 0;
-	peer_from_skb(&p, (void *)PARM2(ctx), o);
-	if (!p.family)
-		tele_add(TELE_PENDING_LOST);
-	udp_count_sk((void *)PARM1(ctx), o, 0, len, &p);
+	__builtin_memset(&p, 0, sizeof(p));
+	udp_count_sk((void *)PARM1(ctx), o, 0, len, &p, (void *)PARM2(ctx));
 	return 0;
 }

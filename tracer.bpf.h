@@ -167,6 +167,16 @@ struct offsets {
 	__u32 task_comm;  /* struct task_struct: comm (0: unknown, use the thread's) */
 	__u32 task_leader; /* struct task_struct: group_leader */
 	__u32 skb_data;   /* struct sk_buff: data (0: unknown) */
+	/* kprobe backend, UDP sends at udp_send_skb / udp_v6_send_skb (0: unknown) */
+	__u32 skb_sk;     /* struct sk_buff: sk */
+	__u32 skb_len;    /* struct sk_buff: len (u32); len, transport_header, head and data
+			   * lie within SKC_BLOCK bytes from len (one probe read) */
+	__u32 skb_head;   /* struct sk_buff: head */
+	__u32 skb_thdr;   /* struct sk_buff: transport_header (u16, from head) */
+	__u32 fl4_daddr;  /* struct flowi4: daddr; its fl4_dport lies within FL_BLOCK bytes after */
+	__u32 fl4_dport;
+	__u32 fl6_daddr;  /* struct flowi6: daddr, fl6_dport likewise */
+	__u32 fl6_dport;
 	__u32 sk_rcvq;    /* struct sock: sk_receive_queue (0: unknown) */
 	__u32 udp_readerq; /* struct udp_sock: reader_queue (0: unknown) */
 	/* filters, applied before anything is stored (0: no filter) */
@@ -182,6 +192,7 @@ struct offsets {
 };
 
 #define SKC_BLOCK 128
+#define FL_BLOCK 64       /* the bytes of a flow read from its daddr */
 
 #define WANT_TCP 1
 #define WANT_UDP 2
@@ -208,6 +219,8 @@ struct guess_req {
 #define GUESS_QSKB_AT 4   /* the same for the skb at the head of the queue at sk + (net_off & 0xffff),
 			   * pointer at skb + (net_off >> 16) */
 #define GUESS_STATE 5      /* the socket, 4096 bytes over both areas, as it enters state */
+#define GUESS_SEND_SKB 6   /* udp_send_skb / udp_v6_send_skb: the sk_buff's first GUESS_CHUNK bytes,
+			    * and the flow's (struct flowi4 / flowi6) in the second area */
 #define GUESS_SKB_BEFORE 128
 
 #define GUESS_SK_BYTES 2048

@@ -303,9 +303,12 @@ def attach_counter():
     return links, [coll]
 
 
-def hold_floor(backend, cpu=None, timeout=180):
-    return Holder("floor(%s)" % backend,
-                  [PY, os.path.join(HERE, "run.py"), "--hold", "floor", "--backend", backend],
+def hold_floor(backend, cpu=None, timeout=180, tree=None):
+    """Do-nothing programs on the hooks the tracer of this checkout (or of
+    the checkout tree) attaches."""
+    here = os.path.join(tree, "bench") if tree else HERE
+    return Holder("floor(%s%s)" % (backend, ", " + tree if tree else ""),
+                  [PY, os.path.join(here, "run.py"), "--hold", "floor", "--backend", backend],
                   cpu=cpu, ready_timeout=timeout)
 
 

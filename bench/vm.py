@@ -9,8 +9,9 @@ The host kernel has no kprobes, so these run in a guest: startup (exec to
 the first poll ready) of tracer.py's kprobe backend, libbpf-tools' tcptop
 and BCC's tcptop; bench/pingpong.c with nothing attached, the tracer's
 kprobe backend, do-nothing programs on exactly its kprobes/kretprobes (the
-floor), libbpf-tools' tcptop and BCC's tcptop, in ABBA order in the same
-boot; each tool's peak RSS; and the bytes each shows for a known transfer.
+floor), libbpf-tools' tcptop and BCC's tcptop (with --baseline: the tracer
+of another checkout and do-nothing programs on its hooks), in ABBA order in
+the same boot; each tool's peak RSS; and the bytes each shows for a known transfer.
 Everything runs under qemu TCG (software emulation): absolute times are
 10-20x the host's, so compare only within one run.
 
@@ -161,6 +162,9 @@ def guest(a):
     if a.baseline:  # the tracer of another checkout, side by side in this boot
         configs.append(("tracer baseline", lambda: hostbench.hold_baseline(
             a.baseline, backend="kprobe", cpu=hold_cpu, timeout=300)))
+        # and do-nothing programs on its hooks, where they differ from ours
+        configs.append(("do-nothing floor, baseline's hooks", lambda: hostbench.hold_floor(
+            "kprobe", cpu=hold_cpu, timeout=300, tree=os.path.abspath(a.baseline))))
     for name, exe_path in peers.items():
         if exe_path:
             configs.append((name, (lambda p=exe_path, b=(name == "BCC tcptop"):
@@ -225,14 +229,16 @@ def report(res, kernel):
     print("\n2. hot path: 64-byte ping-pong, client+server on CPU %d, %d ABBA rounds x %.1f s"
           % (h["cpu"], res["rounds"], res["seconds"]))
     hostbench.print_hotpath_table(h["summary"])
-    tr = h["summary"].get("tracer kprobe", {})
-    fl = h["summary"].get("do-nothing floor", {})
     none = h["summary"].get("none", {})
     for p in ("tcp", "udp"):
-        if p in tr and p in fl and p in none:
-            print("   %s: tracer adds %.0f ns, the floor %.0f ns: %.2fx the floor's cost" % (
-                p.upper(), tr[p]["added_ns"], fl[p]["added_ns"],
-                tr[p]["added_ns"] / fl[p]["added_ns"] if fl[p]["added_ns"] > 0 else float("nan")))
+        for who, floor in (("tracer kprobe", "do-nothing floor"),
+                           ("tracer baseline", "do-nothing floor, baseline's hooks")):
+            tr, fl = h["summary"].get(who, {}), h["summary"].get(floor, {})
+            if p in tr and p in fl and p in none:
+                print("   %s: %s adds %.0f ns, %s %.0f ns: %.2fx the floor's cost" % (
+                    p.upper(), who, tr[p]["added_ns"], floor, fl[p]["added_ns"],
+                    tr[p]["added_ns"] / fl[p]["added_ns"] if fl[p]["added_ns"] > 0
+                    else float("nan")))
     for name, e in h["errors"].items():
         print("   %s: not measured: %s" % (name, e))
     print("\n4. peak RSS (VmHWM)")

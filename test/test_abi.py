@@ -95,7 +95,7 @@ def test_programs_to_load_are_the_plan_and_the_guess_programs():
                      "guess_inet_sock_set_state"]
     assert abi.programs_to_load("kprobe", [("kp_tcp_set_state", "kprobe", "tcp_set_state")]) == [
         "kp_tcp_set_state", "guess_udp_sendmsg", "guess_tcp_sendmsg", "guess_skb_consume_udp",
-        "guess_inet_sock_set_state"]
+        "guess_inet_sock_set_state", "guess_udp_send_skb", "guess_udp_v6_send_skb"]
     fallbacks = list(backends.PERF_FALLBACK.values()) + list(backends.SYSCALL_FALLBACK)
     assert set(names + fallbacks) <= set(abi.all_programs())
 

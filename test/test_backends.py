@@ -15,8 +15,8 @@ import backends
 import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYMBOLS = set(["tcp_set_state", "inet_csk_accept", "tcp_sendmsg", "tcp_recvmsg", "udp_sendmsg",
-               "udpv6_sendmsg", "skb_consume_udp"])
+SYMBOLS = set(["tcp_set_state", "inet_csk_accept", "tcp_sendmsg", "tcp_recvmsg", "udp_send_skb",
+               "udp_v6_send_skb", "skb_consume_udp"])
 
 
 def _readme_rows():
@@ -81,8 +81,9 @@ def test_plan_takes_kind_and_target_from_the_section():
                                                      err="_err"))
     assert "kp_tcp_recvmsg_pre_5_19" in old and "tp_tcp_retransmit_skb_err" in old
     udp = backends.plan("kprobe", tcp=False, symbols=SYMBOLS, version=(6, 1), err="")
-    assert [p for p, _, _ in udp] == ["kp_udp_sendmsg", "krp_udp_sendmsg", "kp_udpv6_sendmsg",
-                                      "krp_udpv6_sendmsg", "kp_skb_consume_udp"]
+    assert udp == [("kp_udp_send_skb", "kprobe", "udp_send_skb"),
+                   ("kp_udp_v6_send_skb", "kprobe", "udp_v6_send_skb"),
+                   ("kp_skb_consume_udp", "kprobe", "skb_consume_udp")]
 
 
 def test_a_missing_kernel_function_is_one_error():

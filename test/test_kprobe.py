@@ -192,6 +192,12 @@ from endings import (test_half_close_client_reads_the_reply_to_eof,  # noqa: F40
                      test_short_connections_are_reported_once_closed_with_all_bytes)
 
 
+# UDP sends (test/udpsends.py), run here against this module's `col`
+from udpsends import (test_udp_sendto_several_peers_from_one_unconnected_socket,  # noqa: F401,E402
+                      test_udp_several_calls_one_datagram, test_udp_sends_that_fail,
+                      test_udp_socket_shared_after_fork_one_record_per_sender)
+
+
 def test_churn_of_mixed_endings_every_side_exact(col):
     """150 connection lives of mixed endings (Python runs 10-20x slower in
     the guest): every side exactly one record (test/churn.py)."""
