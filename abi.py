@@ -116,6 +116,11 @@ EV_UDP_OPEN = 5
 SOCK_OTHERS = 3
 SKC_BLOCK = 128  # the bytes of struct sock that read_tuple_block copies
 
+# sock_info.seq_flags (kprobe backend: bytes from the sequence counters)
+SEQ_SEND = 1
+SEQ_RECV = 2
+SEQ_FIN = 4
+
 # offsets.want
 WANT_TCP = 1
 WANT_UDP = 2
@@ -176,7 +181,7 @@ TPF_MAX = 24
 
 # the prefixes of the constants above: test_layout checks each against the header
 C_PREFIXES = ("TRACER_PROTO_", "DIR_", "CONN_", "END_", "EV_", "SOCK_OTHERS", "SKC_BLOCK", "WANT_",
-              "GUESS_", "TELE_", "TPF_")
+              "GUESS_", "TELE_", "TPF_", "SEQ_")
 CONSTANTS = collections.OrderedDict(
     (k, v) for k, v in sorted(globals().items(), key=lambda kv: kv[0])
     if k.startswith(C_PREFIXES) and isinstance(v, int))
@@ -212,7 +217,8 @@ CONN_STATS = CStruct("conn_stats", [
 # struct sock_info: value of the socks map (one TCP socket's current life)
 SOCK_INFO = CStruct("sock_info", [
     ("tuple", "%ds" % CONN_TUPLE.size), ("has_tuple", "I"), ("stats", "%ds" % CONN_STATS.size),
-    ("others", "%ds" % (4 * SOCK_OTHERS)), ("_pad", "I")])
+    ("others", "%ds" % (4 * SOCK_OTHERS)), ("seq_flags", "I"), ("write_seq", "I"),
+    ("copied_seq", "I")])
 # struct peer: a message's peer address (kernel-only)
 PEER = CStruct("peer", [("addr", "16s"), ("port", "H"), ("family", "B"), ("_pad", "5s")])
 # struct stash: one thread's syscall state (kernel-only)
@@ -224,7 +230,8 @@ OFFSETS = CStruct("offsets", [(name, "I") for name in (
     "ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state", "protocol",
     "v6_daddr", "v6_saddr", "net", "netns_inum", "gen", "task_comm", "task_leader", "skb_data",
     "sk_rcvq", "udp_readerq", "want", "pid_filter", "port_filter", "skc_block", "sk_err", "srtt",
-    "mdev", "inet_sport")])
+    "mdev", "inet_sport", "write_seq", "copied_seq", "rcv_nxt",
+    "pushed_seq")])
 # struct guess_req: what the guessing thread asks for (guess_req map)
 GUESS_REQ = CStruct("guess_req", [
     ("pid_tgid", "Q"), ("net_off", "I"), ("seq", "I"), ("mode", "I"), ("state", "I")])

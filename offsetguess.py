@@ -422,6 +422,120 @@ def _guess_rtt(prober):
     return held[0]
 
 
+SEQ_ROUNDS, SEQ_ROUNDS_MAX = 3, 8  # dumps compared: at least, at most (until one candidate each)
+SIOCINQ, SIOCOUTQNSD = 0x541B, 0x894B
+MSG_MORE = 0x8000
+TCP_QUICKACK = 12
+SEQ_FIELDS = ("write_seq", "copied_seq", "rcv_nxt")
+
+
+def _ioctl_int(sock, request):
+    import array
+    import fcntl
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), request, buf, True)
+    return buf[0]
+
+
+def _u32_moves(dumps, moves):
+    """The 4-aligned u32 slots of struct tcp_sock that moved by exactly
+    moves[k] (mod 2**32) from dump k to dump k+1, every time."""
+    n = min(len(d) for d in dumps) - 3
+    u32 = lambda d, o: struct.unpack_from("<I", d, o)[0]
+    return set(o for o in range(0, n, 4)
+               if all((u32(dumps[k + 1], o) - u32(dumps[k], o)) & 0xffffffff == moves[k]
+                      for k in range(len(moves))))
+
+
+def _guess_seqs(prober, connections=3):
+    """_guess_seq_once on up to `connections` connections: on one whose
+    ACKs all went out at once, rcv_nxt and rcv_wup cannot be told apart."""
+    for n in range(connections):
+        try:
+            return _guess_seqs_once(prober)
+        except GuessError:
+            if n == connections - 1:
+                raise
+
+
+def _guess_seqs_once(prober):
+    """struct tcp_sock's write_seq, copied_seq, rcv_nxt and pushed_seq (the
+    kprobe backend counts a TCP socket's bytes as the moves of write_seq
+    and copied_seq).  A connected socket S is corked; each round its peer
+    sends A bytes, S reads R < A of them, S queues N with MSG_MORE (so
+    nothing goes out: snd_nxt and pushed_seq stay; S acknowledges late, so
+    rcv_wup lags rcv_nxt), then S is dumped at an empty send.  Between two dumps write_seq moves by exactly N, copied_seq
+    by R and rcv_nxt by A, with random sizes, until one slot each is left
+    (the peer's segments stay under 536 bytes and 64 KiB in all, so the
+    receive-RTT estimate, and with it rcvq_space.seq, does not move).
+    Checked against the kernel's own counts (SIOCINQ: rcv_nxt - copied_seq;
+    SIOCOUTQNSD: write_seq - snd_nxt, and snd_nxt stayed where write_seq
+    was before the corked sends, as pushed_seq did)."""
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    p = None
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        s.connect(lst.getsockname())
+        p, _ = lst.accept()
+        p.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        dumps, sends, reads, arrivals = [], [], [], []
+        cands = None
+        for k in range(SEQ_ROUNDS_MAX + 1):
+            a = random.randint(2, 500)
+            r = random.randint(1, a - 1)
+            n = random.randint(1, 900)
+            # delayed ACKs: rcv_wup (rcv_nxt when S last sent a window) lags
+            s.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
+            p.sendall(b"a" * a)
+            got = 0
+            while got < r:
+                got += len(s.recv(r - got, socket.MSG_WAITALL))
+            s.send(b"w" * n, MSG_MORE)
+            sends.append(n)
+            reads.append(r)
+            arrivals.append(a)
+            got = prober.probe_with(lambda: s.send(b"", MSG_MORE))
+            if got is None or len(got[0]) + len(got[1]) < 2 * GUESS_SK_BYTES:
+                raise GuessError("TCP sequence counters: no dump of our own TCP socket")
+            dumps.append(got[0] + got[1])
+            if len(dumps) < 2:
+                continue
+            cands = dict((f, _u32_moves(dumps, [m[i + 1] for i in range(len(dumps) - 1)]))
+                         for f, m in (("write_seq", sends), ("copied_seq", reads),
+                                      ("rcv_nxt", arrivals)))
+            # what the kernel says of the same socket picks among them (a
+            # byte count such as sk_wmem_queued can move like write_seq)
+            inq, notsent = _ioctl_int(s, SIOCINQ), _ioctl_int(s, SIOCOUTQNSD)
+            at = lambda o: struct.unpack_from("<I", dumps[-1], o)[0]
+            still = _u32_moves(dumps, [0] * (len(dumps) - 1))
+            pairs = [(r, c) for r in cands["rcv_nxt"] for c in cands["copied_seq"]
+                     if (at(r) - at(c)) & 0xffffffff == inq]
+            cands["rcv_nxt"], cands["copied_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
+            pairs = [(w, n) for w in cands["write_seq"] for n in still
+                     if (at(w) - at(n)) & 0xffffffff == notsent == sum(sends)]
+            cands["write_seq"], cands["pushed_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
+            if len(dumps) > SEQ_ROUNDS and all(len(cands[f]) == 1 for f in SEQ_FIELDS):
+                break
+        many = ["%s (%d candidates)" % (f, len(cands[f])) for f in SEQ_FIELDS if len(cands[f]) != 1]
+        if many:
+            raise GuessError("could not find the TCP sequence counters in struct tcp_sock after %d "
+                             "rounds: %s" % (len(dumps), ", ".join(many)))
+        found = dict((f, cands[f].pop()) for f in SEQ_FIELDS)
+        # pushed_seq (write_seq where the last send without MSG_MORE ended)
+        # follows write_seq in every layout seen; it stayed at write_seq
+        # less the corked bytes.  Only adopt_send reads it.
+        if found["write_seq"] + 4 in cands["pushed_seq"]:
+            found["pushed_seq"] = found["write_seq"] + 4
+        return found
+    finally:
+        for x in (s, p, lst):
+            if x is not None:
+                x.close()
+
+
 def _probe_sock():
     return _udp_pair(socket.AF_INET, ("127.0.0.1", 0), ("127.0.0.1", random.randint(20000, 60000)))
 
@@ -595,7 +709,7 @@ def _guess_udp_queues(prober):
         b.close()
 
 
-def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False):
+def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False, want_seqs=False):
     """Guess the offsets with the guess program already attached; returns
     Offsets.  maps: the object's live maps (guess_req, guess_dump)."""
     start = time.time()
@@ -652,6 +766,8 @@ def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False
             values["inet_sport"] = _guess_inet_sport(prober, tcp, tcp_lport, values["sport"])
         except GuessError as e:
             notes.append("%s: a failed connect() shows local port 0" % e)
+        if want_seqs:  # the kprobe backend counts TCP bytes with them: no fallback
+            values.update(_guess_seqs(prober))
         try:
             values["srtt"], values["mdev"] = _guess_rtt(prober)
         except GuessError as e:
