@@ -231,7 +231,7 @@ OFFSETS = CStruct("offsets", [(name, "I") for name in (
     "v6_daddr", "v6_saddr", "net", "netns_inum", "gen", "task_comm", "task_leader", "skb_data",
     "sk_rcvq", "udp_readerq", "want", "pid_filter", "port_filter", "skc_block", "sk_err", "srtt",
     "mdev", "inet_sport", "write_seq", "copied_seq", "rcv_nxt",
-    "pushed_seq")])
+    "sent_seq")])
 # struct guess_req: what the guessing thread asks for (guess_req map)
 GUESS_REQ = CStruct("guess_req", [
     ("pid_tgid", "Q"), ("net_off", "I"), ("seq", "I"), ("mode", "I"), ("state", "I")])

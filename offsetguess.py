@@ -459,18 +459,18 @@ def _guess_seqs(prober, connections=3):
 
 
 def _guess_seqs_once(prober):
-    """struct tcp_sock's write_seq, copied_seq, rcv_nxt and pushed_seq (the
+    """struct tcp_sock's write_seq, copied_seq, rcv_nxt and sent_seq (the
     kprobe backend counts a TCP socket's bytes as the moves of write_seq
     and copied_seq).  A connected socket S is corked; each round its peer
     sends A bytes, S reads R < A of them, S queues N with MSG_MORE (so
-    nothing goes out: snd_nxt and pushed_seq stay; S acknowledges late, so
+    nothing goes out: snd_nxt stays; S acknowledges late, so
     rcv_wup lags rcv_nxt), then S is dumped at an empty send.  Between two dumps write_seq moves by exactly N, copied_seq
     by R and rcv_nxt by A, with random sizes, until one slot each is left
     (the peer's segments stay under 536 bytes and 64 KiB in all, so the
     receive-RTT estimate, and with it rcvq_space.seq, does not move).
     Checked against the kernel's own counts (SIOCINQ: rcv_nxt - copied_seq;
     SIOCOUTQNSD: write_seq - snd_nxt, and snd_nxt stayed where write_seq
-    was before the corked sends, as pushed_seq did)."""
+    was before the corked sends)."""
     lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     p = None
@@ -516,7 +516,7 @@ def _guess_seqs_once(prober):
             cands["rcv_nxt"], cands["copied_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
             pairs = [(w, n) for w in cands["write_seq"] for n in still
                      if (at(w) - at(n)) & 0xffffffff == notsent == sum(sends)]
-            cands["write_seq"], cands["pushed_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
+            cands["write_seq"], cands["sent_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
             if len(dumps) > SEQ_ROUNDS and all(len(cands[f]) == 1 for f in SEQ_FIELDS):
                 break
         many = ["%s (%d candidates)" % (f, len(cands[f])) for f in SEQ_FIELDS if len(cands[f]) != 1]
@@ -524,11 +524,20 @@ def _guess_seqs_once(prober):
             raise GuessError("could not find the TCP sequence counters in struct tcp_sock after %d "
                              "rounds: %s" % (len(dumps), ", ".join(many)))
         found = dict((f, cands[f].pop()) for f in SEQ_FIELDS)
-        # pushed_seq (write_seq where the last send without MSG_MORE ended)
-        # follows write_seq in every layout seen; it stayed at write_seq
-        # less the corked bytes.  Only adopt_send reads it.
-        if found["write_seq"] + 4 in cands["pushed_seq"]:
-            found["pushed_seq"] = found["write_seq"] + 4
+        # sent_seq: where sending stands (snd_nxt, snd_una or snd_sml: all
+        # stayed at write_seq less the corked bytes, and reach write_seq once
+        # uncorked; on an idle socket they are equal, which is all adopting
+        # a socket at its first send asks of it); the one nearest rcv_nxt
+        # (snd_nxt, in every layout seen; rtt_seq can lag)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        got = prober.probe_with(lambda: s.send(b""))
+        last = got[0] + got[1] if got else b""
+        sent = sorted((o for o in cands["sent_seq"] if len(last) >= 2 * GUESS_SK_BYTES and
+                       last[o:o + 4] == last[found["write_seq"]:found["write_seq"] + 4]),
+                      key=lambda o: abs(o - found["rcv_nxt"]))
+        if sent:
+            found["sent_seq"] = sent[0]
         return found
     finally:
         for x in (s, p, lst):

@@ -756,8 +756,9 @@ INLINE void seq_send_settle(const void *sk, struct offsets *o, struct sock_info 
 
 /* tcp_push(sk, ...): the end of every send that queued bytes (and before
  * it waits for memory).  A socket the tracer did not see start is
- * adopted: its bytes since the last send without MSG_MORE ended
- * (pushed_seq) are this send's. */
+ * adopted: its bytes past where sending stood (sent_seq) are this send's
+ * (exact for a send on an idle socket; a large one may have sent some
+ * already). */
 INLINE void seq_send(const void *sk, struct offsets *o)
 {
 	__u64 key = (__u64)sk;
@@ -767,8 +768,8 @@ INLINE void seq_send(const void *sk, struct offsets *o)
 		si = claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_UNKNOWN);
 		if (!si || !(si->seq_flags & SEQ_SEND))
 			return;
-		if (o->pushed_seq)
-			kread(&si->write_seq, sizeof(si->write_seq), sk + o->pushed_seq);
+		if (o->sent_seq)
+			kread(&si->write_seq, sizeof(si->write_seq), sk + o->sent_seq);
 	}
 	if (si->seq_flags & SEQ_SEND)
 		seq_send_settle(sk, o, si);

@@ -191,7 +191,7 @@ struct offsets {
 	__u32 write_seq;  /* struct tcp_sock: write_seq (0: unknown; the kprobe backend's) */
 	__u32 copied_seq; /* struct tcp_sock: copied_seq (0: unknown) */
 	__u32 rcv_nxt;    /* struct tcp_sock: rcv_nxt (0: unknown) */
-	__u32 pushed_seq; /* struct tcp_sock: pushed_seq (0: unknown) */
+	__u32 sent_seq;   /* struct tcp_sock: snd_nxt, snd_una or snd_sml (equal when idle; 0: unknown) */
 };
 
 #define SKC_BLOCK 128
