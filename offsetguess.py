@@ -349,18 +349,25 @@ def _rtt_info(sock):
                                     TCP_INFO_RTT_AT)
 
 
+def _tcp_connection():
+    """(listener, client, server) of a new loopback TCP connection."""
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        cli = socket.create_connection(lst.getsockname())
+    except Exception:
+        lst.close()
+        raise
+    return lst, cli, lst.accept()[0]
+
+
 def _rtt_dump(prober):
     """(dump of a struct tcp_sock, tcpi_rtt, tcpi_rttvar) of a connection
     with RTT samples, dumped as it enters FIN_WAIT1 (shutdown(), before
     its FIN goes out and is acknowledged)."""
-    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv = None
+    lst, cli, srv = _tcp_connection()
     try:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        cli.connect(lst.getsockname())
-        srv, _ = lst.accept()
         # several RTT windows (mdev_max_us moves off mdev_us), some of many
         # segments: the RTT and its variance differ from one connection to
         # the next, which constant fields (snd_cwnd, ...) do not
@@ -376,8 +383,7 @@ def _rtt_dump(prober):
                                 state=TCP_FIN_WAIT1)
     finally:
         for s in (cli, lst, srv):
-            if s is not None:
-                s.close()
+            s.close()
     if got is None:
         return None
     return got[0] + got[1], rtt[0], rtt[1]
@@ -471,14 +477,8 @@ def _guess_seqs_once(prober):
     Checked against the kernel's own counts (SIOCINQ: rcv_nxt - copied_seq;
     SIOCOUTQNSD: write_seq - snd_nxt, and snd_nxt stayed where write_seq
     was before the corked sends)."""
-    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    p = None
+    lst, s, p = _tcp_connection()
     try:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        s.connect(lst.getsockname())
-        p, _ = lst.accept()
         p.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         dumps, sends, reads, arrivals = [], [], [], []
@@ -541,8 +541,7 @@ def _guess_seqs_once(prober):
         return found
     finally:
         for x in (s, p, lst):
-            if x is not None:
-                x.close()
+            x.close()
 
 
 def _probe_sock():

@@ -307,11 +307,8 @@ def test_a_connection_opened_before_the_tracer_has_no_start(col):
 
 
 def _tcp_pair():
-    lst = socket.socket()
-    lst.bind(("127.0.0.1", 0))
-    lst.listen(1)
-    c = socket.create_connection(lst.getsockname())
-    s, _ = lst.accept()
+    from eventcases import _pair
+    lst, c, s = _pair()
     lst.close()
     return c, s
 
