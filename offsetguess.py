@@ -469,11 +469,13 @@ def _guess_seqs_once(prober):
     kprobe backend counts a TCP socket's bytes as the moves of write_seq
     and copied_seq).  A connected socket S is corked; each round its peer
     sends A bytes, S reads R < A of them, S queues N with MSG_MORE (so
-    nothing goes out: snd_nxt stays; S acknowledges late, so
-    rcv_wup lags rcv_nxt), then S is dumped at an empty send.  Between two dumps write_seq moves by exactly N, copied_seq
-    by R and rcv_nxt by A, with random sizes, until one slot each is left
-    (the peer's segments stay under 536 bytes and 64 KiB in all, so the
-    receive-RTT estimate, and with it rcvq_space.seq, does not move).
+    nothing goes out: snd_nxt stays; S acknowledges late, so rcv_wup lags
+    rcv_nxt), then S is dumped at an empty send.  Between two dumps
+    write_seq moves by exactly N, copied_seq by R and rcv_nxt by A, with
+    random sizes, until one slot each is left (S's corked bytes stay under
+    536, the smallest MSS, so no full segment goes out; the peer's
+    segments stay under 536 bytes and 64 KiB in all, so the receive-RTT
+    estimate, and with it rcvq_space.seq, does not move).
     Checked against the kernel's own counts (SIOCINQ: rcv_nxt - copied_seq;
     SIOCOUTQNSD: write_seq - snd_nxt, and snd_nxt stayed where write_seq
     was before the corked sends)."""
@@ -486,7 +488,7 @@ def _guess_seqs_once(prober):
         for k in range(SEQ_ROUNDS_MAX + 1):
             a = random.randint(2, 500)
             r = random.randint(1, a - 1)
-            n = random.randint(1, 900)
+            n = random.randint(1, 50)  # all corked bytes under 536: no full segment goes out
             # delayed ACKs: rcv_wup (rcv_nxt when S last sent a window) lags
             s.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
             p.sendall(b"a" * a)
