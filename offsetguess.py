@@ -469,7 +469,7 @@ def _guess_seqs_once(prober):
     kprobe backend counts a TCP socket's bytes as the moves of write_seq
     and copied_seq).  A connected socket S is corked; each round its peer
     sends A bytes, S reads R < A of them, S queues N with MSG_MORE (so
-    nothing goes out: snd_nxt stays; S acknowledges late, so rcv_wup lags
+    nothing goes out for 200 ms; S acknowledges late, so rcv_wup lags
     rcv_nxt), then S is dumped at an empty send.  Between two dumps
     write_seq moves by exactly N, copied_seq by R and rcv_nxt by A, with
     random sizes, until one slot each is left (S's corked bytes stay under
@@ -477,8 +477,7 @@ def _guess_seqs_once(prober):
     segments stay under 536 bytes and 64 KiB in all, so the receive-RTT
     estimate, and with it rcvq_space.seq, does not move).
     Checked against the kernel's own counts (SIOCINQ: rcv_nxt - copied_seq;
-    SIOCOUTQNSD: write_seq - snd_nxt, and snd_nxt stayed where write_seq
-    was before the corked sends)."""
+    SIOCOUTQNSD: write_seq - snd_nxt)."""
     lst, s, p = _tcp_connection()
     try:
         p.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -512,12 +511,13 @@ def _guess_seqs_once(prober):
             # byte count such as sk_wmem_queued can move like write_seq)
             inq, notsent = _ioctl_int(s, SIOCINQ), _ioctl_int(s, SIOCOUTQNSD)
             at = lambda o: struct.unpack_from("<I", dumps[-1], o)[0]
-            still = _u32_moves(dumps, [0] * (len(dumps) - 1))
             pairs = [(r, c) for r in cands["rcv_nxt"] for c in cands["copied_seq"]
                      if (at(r) - at(c)) & 0xffffffff == inq]
             cands["rcv_nxt"], cands["copied_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
-            pairs = [(w, n) for w in cands["write_seq"] for n in still
-                     if (at(w) - at(n)) & 0xffffffff == notsent == sum(sends)]
+            # (corked bytes go out when the probe timer fires, 200 ms on)
+            slots = range(0, len(dumps[-1]) - 3, 4)
+            pairs = [(w, n) for w in cands["write_seq"] for n in slots
+                     if n != w and (at(w) - at(n)) & 0xffffffff == notsent]
             cands["write_seq"], cands["sent_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
             if len(dumps) > SEQ_ROUNDS and all(len(cands[f]) == 1 for f in SEQ_FIELDS):
                 break
@@ -527,7 +527,7 @@ def _guess_seqs_once(prober):
                              "rounds: %s" % (len(dumps), ", ".join(many)))
         found = dict((f, cands[f].pop()) for f in SEQ_FIELDS)
         # sent_seq: where sending stands (snd_nxt, snd_una or snd_sml: all
-        # stayed at write_seq less the corked bytes, and reach write_seq once
+        # stood at write_seq less the bytes not sent, and reach write_seq once
         # uncorked; on an idle socket they are equal, which is all adopting
         # a socket at its first send asks of it); the one nearest rcv_nxt
         # (snd_nxt, in every layout seen; rtt_seq can lag)
