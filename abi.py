@@ -117,6 +117,11 @@ SOCK_OTHERS = 3
 SKC_BLOCK = 128  # the bytes of struct sock that read_tuple_block copies
 FL_BLOCK = 64  # the bytes of a struct flowi4/flowi6 read from its daddr
 
+# sock_info.seq_flags (kprobe backend: bytes from the sequence counters)
+SEQ_SEND = 1
+SEQ_RECV = 2
+SEQ_FIN = 4
+
 # offsets.want
 WANT_TCP = 1
 WANT_UDP = 2
@@ -178,7 +183,7 @@ TPF_MAX = 24
 
 # the prefixes of the constants above: test_layout checks each against the header
 C_PREFIXES = ("TRACER_PROTO_", "DIR_", "CONN_", "END_", "EV_", "SOCK_OTHERS", "SKC_BLOCK", "WANT_",
-              "GUESS_", "TELE_", "TPF_", "FL_BLOCK")
+              "GUESS_", "TELE_", "TPF_", "FL_BLOCK", "SEQ_")
 CONSTANTS = collections.OrderedDict(
     (k, v) for k, v in sorted(globals().items(), key=lambda kv: kv[0])
     if k.startswith(C_PREFIXES) and isinstance(v, int))
@@ -214,7 +219,8 @@ CONN_STATS = CStruct("conn_stats", [
 # struct sock_info: value of the socks map (one TCP socket's current life)
 SOCK_INFO = CStruct("sock_info", [
     ("tuple", "%ds" % CONN_TUPLE.size), ("has_tuple", "I"), ("stats", "%ds" % CONN_STATS.size),
-    ("others", "%ds" % (4 * SOCK_OTHERS)), ("_pad", "I")])
+    ("others", "%ds" % (4 * SOCK_OTHERS)), ("seq_flags", "I"), ("write_seq", "I"),
+    ("copied_seq", "I")])
 # struct peer: a message's peer address (kernel-only)
 PEER = CStruct("peer", [("addr", "16s"), ("port", "H"), ("family", "B"), ("_pad", "5s")])
 # struct stash: one thread's syscall state (kernel-only)
@@ -227,7 +233,8 @@ OFFSETS = CStruct("offsets", [(name, "I") for name in (
     "v6_daddr", "v6_saddr", "net", "netns_inum", "gen", "task_comm", "task_leader", "skb_data",
     "skb_sk", "skb_len", "skb_head", "skb_thdr", "fl4_daddr", "fl4_dport", "fl6_daddr", "fl6_dport",
     "sk_rcvq", "udp_readerq", "want", "pid_filter", "port_filter", "skc_block", "sk_err", "srtt",
-    "mdev", "inet_sport")])
+    "mdev", "inet_sport", "write_seq", "copied_seq", "rcv_nxt",
+    "sent_seq")])
 # struct guess_req: what the guessing thread asks for (guess_req map)
 GUESS_REQ = CStruct("guess_req", [
     ("pid_tgid", "Q"), ("net_off", "I"), ("seq", "I"), ("mode", "I"), ("state", "I")])

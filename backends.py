@@ -66,6 +66,12 @@ VARIANTS = collections.OrderedDict([("recv", ("", "_pre_5_19")), ("err", ("", "_
 SYSCALL_FALLBACK = ("tp_sys_enter_sendto", "tp_sys_enter_sendmsg", "tp_sys_enter_recvfrom",
                     "tp_sys_enter_recvmsg", "tp_sys_exit_recvfrom", "tp_sys_exit_recvmsg",
                     "tp_sys_exit_sendto", "tp_sys_exit_sendmsg")
+# The kprobe backend counts TCP bytes from the sockets' sequence counters at
+# these two hooks (one kprobe each, no kretprobe); where the kernel lacks
+# either, it counts each call's return value with kprobe/kretprobe pairs.
+SEQ_HOOKS = ("kp_tcp_push", "kp_tcp_cleanup_rbuf")
+RETVAL_FALLBACK = ("kp_tcp_sendmsg", "krp_tcp_sendmsg", "kp_tcp_sendpage?", "krp_tcp_sendpage?",
+                   "kp_tcp_recvmsg{recv}", "krp_tcp_recvmsg")
 # perf-tracepoint stand-ins for raw tracepoints (kernels without raw ones)
 PERF_FALLBACK = collections.OrderedDict([
     ("tp_sock_send_length", "tpp_sock_send_length"),
@@ -87,16 +93,16 @@ class Backend(object):
         self.guess = tuple(guess)
         self.available = available
         self.guess_options = guess_options
-        self.fallbacks = tuple(fallbacks)  # loaded only when attach_all turns to them
+        self.fallbacks = tuple(fallbacks)  # loaded only when plan or attach_all turns to them
 
     def every_program(self):
         """Every program name it may load: each variant, the fallbacks
         and the guess programs."""
         names = []
-        for pattern, _ in self.programs:
+        for pattern in [p for p, _ in self.programs] + list(self.fallbacks):
             names.extend(variants(pattern))
         names += [PERF_FALLBACK[n] for n in list(names) if n in PERF_FALLBACK]
-        return _unique(names + list(self.fallbacks) + list(self.guess))
+        return _unique(names + list(self.guess))
 
     def __repr__(self):
         return "Backend(%r)" % self.name
@@ -194,19 +200,17 @@ REGISTRY = (
             guess_options=dict(want_protocol=True, want_skb=False, want_queues=True),
             fallbacks=SYSCALL_FALLBACK),
     Backend("kprobe",
-            "kprobes and kretprobes on tcp_sendmsg, tcp_recvmsg, udp_send_skb, "
-            "skb_consume_udp, ... (kprobe PMU, else tracefs kprobe_events with unique names "
+            "kprobes on tcp_push and tcp_cleanup_rbuf (TCP bytes from the sockets' sequence "
+            "counters; kprobe/kretprobe pairs on tcp_sendmsg and tcp_recvmsg where those "
+            "are missing), kprobes on udp_send_skb, udp_v6_send_skb and skb_consume_udp, ... "
+            "(kprobe PMU, else tracefs kprobe_events with unique names "
             "removed on exit; kretprobes through tracefs with a large maxactive) and the tcp "
             "tracepoints.  Linux 5.8+ with CONFIG_KPROBES.",
             programs=(
                 ("kp_tcp_set_state", TCP),
                 ("krp_inet_csk_accept", TCP),
-                ("kp_tcp_sendmsg", TCP),
-                ("krp_tcp_sendmsg", TCP),
-                ("kp_tcp_sendpage?", TCP),  # gone from 6.5
-                ("krp_tcp_sendpage?", TCP),
-                ("kp_tcp_recvmsg{recv}", TCP),
-                ("krp_tcp_recvmsg", TCP),
+                ("kp_tcp_push", TCP),  # else RETVAL_FALLBACK (tcp_sendpage: gone from 6.5)
+                ("kp_tcp_cleanup_rbuf", TCP),
                 ("tp_tcp_retransmit_skb{err}", TCP),
                 ("tp_tcp_destroy_sock", TCP),
                 ("tp_tcp_retransmit_synack", TCP),
@@ -217,7 +221,8 @@ REGISTRY = (
                    "guess_inet_sock_set_state", "guess_udp_send_skb", "guess_udp_v6_send_skb"),
             available=_kprobe_available,
             guess_options=dict(want_protocol=False, want_skb=True, want_queues=False,
-                               want_send_skb=True)),
+                               want_send_skb=True, want_seqs=True),
+            fallbacks=RETVAL_FALLBACK),
 )
 BY_NAME = collections.OrderedDict((b.name, b) for b in REGISTRY)
 NAMES = tuple(BY_NAME)
@@ -303,10 +308,17 @@ def plan(backend, tcp=True, udp=True, symbols=None, version=None, err=None, spec
     spec = spec or object_spec()
     err = retransmit_variant() if err is None and tcp else (err or "")
     values = {"err": err}
-    if any("{recv}" in p for p, need in b.programs if _wanted(need, tcp, udp)):
-        values["recv"] = "" if (version or kernel_version()) >= (5, 19) else "_pre_5_19"
     out = []
-    for pattern, need in b.programs:
+    programs = list(b.programs)
+    if tcp and any(n in SEQ_HOOKS for n, _ in programs):
+        if symbols is None:
+            symbols = bpfsys.kallsyms_functions()
+        if not all(bpfsys.resolve_function(spec.programs[n].target, symbols) for n in SEQ_HOOKS):
+            programs = [(p, need) for p, need in programs if p not in SEQ_HOOKS] + \
+                [(p, TCP) for p in RETVAL_FALLBACK]
+    if any("{recv}" in p for p, need in programs if _wanted(need, tcp, udp)):
+        values["recv"] = "" if (version or kernel_version()) >= (5, 19) else "_pre_5_19"
+    for pattern, need in programs:
         if not _wanted(need, tcp, udp):
             continue
         optional = pattern.endswith("?")
@@ -382,14 +394,19 @@ def fill_tp_fields(tp_fields_map, needed_events):
         tp_fields_map.update(slot.to_bytes(4, "little"), fields[field][0].to_bytes(4, "little"))
 
 
-def run_guess(coll, backend, ipv6=True, kprobe_method="auto"):
-    """Attach the backend's guess programs, guess, detach; returns Offsets."""
+def run_guess(coll, backend, ipv6=True, kprobe_method="auto", programs=None):
+    """Attach the backend's guess programs, guess, detach; returns Offsets.
+    programs: the plan; the sequence counters are guessed only where it
+    counts TCP bytes with them."""
     b = get(backend)
+    options = dict(b.guess_options)
+    if programs is not None and options.get("want_seqs"):
+        options["want_seqs"] = any(p in SEQ_HOOKS for p, _, _ in programs)
     links = []
     try:
         for prog in b.guess:
             links.append(attach(coll, prog, kprobe_method=kprobe_method))
-        return offsetguess.guess(coll.maps, ipv6=ipv6, **b.guess_options)
+        return offsetguess.guess(coll.maps, ipv6=ipv6, **options)
     finally:
         for l in links:
             l.close()

@@ -349,18 +349,25 @@ def _rtt_info(sock):
                                     TCP_INFO_RTT_AT)
 
 
+def _tcp_connection():
+    """(listener, client, server) of a new loopback TCP connection."""
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        cli = socket.create_connection(lst.getsockname())
+    except Exception:
+        lst.close()
+        raise
+    return lst, cli, lst.accept()[0]
+
+
 def _rtt_dump(prober):
     """(dump of a struct tcp_sock, tcpi_rtt, tcpi_rttvar) of a connection
     with RTT samples, dumped as it enters FIN_WAIT1 (shutdown(), before
     its FIN goes out and is acknowledged)."""
-    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    cli = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv = None
+    lst, cli, srv = _tcp_connection()
     try:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        cli.connect(lst.getsockname())
-        srv, _ = lst.accept()
         # several RTT windows (mdev_max_us moves off mdev_us), some of many
         # segments: the RTT and its variance differ from one connection to
         # the next, which constant fields (snd_cwnd, ...) do not
@@ -376,8 +383,7 @@ def _rtt_dump(prober):
                                 state=TCP_FIN_WAIT1)
     finally:
         for s in (cli, lst, srv):
-            if s is not None:
-                s.close()
+            s.close()
     if got is None:
         return None
     return got[0] + got[1], rtt[0], rtt[1]
@@ -420,6 +426,124 @@ def _guess_rtt(prober):
         raise GuessError("the offsets of srtt_us and mdev_us: %d candidates held on a last "
                          "connection, not 1" % len(held))
     return held[0]
+
+
+SEQ_ROUNDS, SEQ_ROUNDS_MAX = 3, 8  # dumps compared: at least, at most (until one candidate each)
+SIOCINQ, SIOCOUTQNSD = 0x541B, 0x894B
+MSG_MORE = 0x8000
+TCP_QUICKACK = 12
+SEQ_FIELDS = ("write_seq", "copied_seq", "rcv_nxt")
+
+
+def _ioctl_int(sock, request):
+    import array
+    import fcntl
+    buf = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), request, buf, True)
+    return buf[0]
+
+
+def _u32_moves(dumps, moves):
+    """The 4-aligned u32 slots of struct tcp_sock that moved by exactly
+    moves[k] (mod 2**32) from dump k to dump k+1, every time."""
+    n = min(len(d) for d in dumps) - 3
+    u32 = lambda d, o: struct.unpack_from("<I", d, o)[0]
+    return set(o for o in range(0, n, 4)
+               if all((u32(dumps[k + 1], o) - u32(dumps[k], o)) & 0xffffffff == moves[k]
+                      for k in range(len(moves))))
+
+
+def _guess_seqs(prober, connections=3):
+    """_guess_seq_once on up to `connections` connections: on one whose
+    ACKs all went out at once, rcv_nxt and rcv_wup cannot be told apart."""
+    for n in range(connections):
+        try:
+            return _guess_seqs_once(prober)
+        except GuessError:
+            if n == connections - 1:
+                raise
+
+
+def _guess_seqs_once(prober):
+    """struct tcp_sock's write_seq, copied_seq, rcv_nxt and sent_seq (the
+    kprobe backend counts a TCP socket's bytes as the moves of write_seq
+    and copied_seq).  A connected socket S is corked; each round its peer
+    sends A bytes, S reads R < A of them, S queues N with MSG_MORE (so
+    nothing goes out for 200 ms; S acknowledges late, so rcv_wup lags
+    rcv_nxt), then S is dumped at an empty send.  Between two dumps
+    write_seq moves by exactly N, copied_seq by R and rcv_nxt by A, with
+    random sizes, until one slot each is left (S's corked bytes stay under
+    536, the smallest MSS, so no full segment goes out; the peer's
+    segments stay under 536 bytes and 64 KiB in all, so the receive-RTT
+    estimate, and with it rcvq_space.seq, does not move).
+    Checked against the kernel's own counts (SIOCINQ: rcv_nxt - copied_seq;
+    SIOCOUTQNSD: write_seq - snd_nxt)."""
+    lst, s, p = _tcp_connection()
+    try:
+        p.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        dumps, sends, reads, arrivals = [], [], [], []
+        cands = None
+        for k in range(SEQ_ROUNDS_MAX + 1):
+            a = random.randint(2, 500)
+            r = random.randint(1, a - 1)
+            n = random.randint(1, 50)  # all corked bytes under 536: no full segment goes out
+            # delayed ACKs: rcv_wup (rcv_nxt when S last sent a window) lags
+            s.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 0)
+            p.sendall(b"a" * a)
+            got = 0
+            while got < r:
+                got += len(s.recv(r - got, socket.MSG_WAITALL))
+            s.send(b"w" * n, MSG_MORE)
+            sends.append(n)
+            reads.append(r)
+            arrivals.append(a)
+            got = prober.probe_with(lambda: s.send(b"", MSG_MORE))
+            if got is None or len(got[0]) + len(got[1]) < 2 * GUESS_SK_BYTES:
+                raise GuessError("TCP sequence counters: no dump of our own TCP socket")
+            dumps.append(got[0] + got[1])
+            if len(dumps) < 2:
+                continue
+            cands = dict((f, _u32_moves(dumps, [m[i + 1] for i in range(len(dumps) - 1)]))
+                         for f, m in (("write_seq", sends), ("copied_seq", reads),
+                                      ("rcv_nxt", arrivals)))
+            # what the kernel says of the same socket picks among them (a
+            # byte count such as sk_wmem_queued can move like write_seq)
+            inq, notsent = _ioctl_int(s, SIOCINQ), _ioctl_int(s, SIOCOUTQNSD)
+            at = lambda o: struct.unpack_from("<I", dumps[-1], o)[0]
+            pairs = [(r, c) for r in cands["rcv_nxt"] for c in cands["copied_seq"]
+                     if (at(r) - at(c)) & 0xffffffff == inq]
+            cands["rcv_nxt"], cands["copied_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
+            # (corked bytes go out when the probe timer fires, 200 ms on)
+            slots = range(0, len(dumps[-1]) - 3, 4)
+            pairs = [(w, n) for w in cands["write_seq"] for n in slots
+                     if n != w and (at(w) - at(n)) & 0xffffffff == notsent]
+            cands["write_seq"], cands["sent_seq"] = set(p[0] for p in pairs), set(p[1] for p in pairs)
+            if len(dumps) > SEQ_ROUNDS and all(len(cands[f]) == 1 for f in SEQ_FIELDS):
+                break
+        many = ["%s (%d candidates)" % (f, len(cands[f])) for f in SEQ_FIELDS if len(cands[f]) != 1]
+        if many:
+            raise GuessError("could not find the TCP sequence counters in struct tcp_sock after %d "
+                             "rounds: %s" % (len(dumps), ", ".join(many)))
+        found = dict((f, cands[f].pop()) for f in SEQ_FIELDS)
+        # sent_seq: where sending stands (snd_nxt, snd_una or snd_sml: all
+        # stood at write_seq less the bytes not sent, and reach write_seq once
+        # uncorked; on an idle socket they are equal, which is all adopting
+        # a socket at its first send asks of it); the one nearest rcv_nxt
+        # (snd_nxt, in every layout seen; rtt_seq can lag)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        got = prober.probe_with(lambda: s.send(b""))
+        last = got[0] + got[1] if got else b""
+        sent = sorted((o for o in cands["sent_seq"] if len(last) >= 2 * GUESS_SK_BYTES and
+                       last[o:o + 4] == last[found["write_seq"]:found["write_seq"] + 4]),
+                      key=lambda o: abs(o - found["rcv_nxt"]))
+        if sent:
+            found["sent_seq"] = sent[0]
+        return found
+    finally:
+        for x in (s, p, lst):
+            x.close()
 
 
 def _probe_sock():
@@ -722,7 +846,7 @@ def _guess_udp_queues(prober):
 
 
 def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False,
-          want_send_skb=False):
+          want_send_skb=False, want_seqs=False):
     """Guess the offsets with the guess program already attached; returns
     Offsets.  maps: the object's live maps (guess_req, guess_dump)."""
     start = time.time()
@@ -781,6 +905,8 @@ def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False
             values["inet_sport"] = _guess_inet_sport(prober, tcp, tcp_lport, values["sport"])
         except GuessError as e:
             notes.append("%s: a failed connect() shows local port 0" % e)
+        if want_seqs:  # the kprobe backend counts TCP bytes with them: no fallback
+            values.update(_guess_seqs(prober))
         try:
             values["srtt"], values["mdev"] = _guess_rtt(prober)
         except GuessError as e:

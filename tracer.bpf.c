@@ -84,6 +84,8 @@ __u32 _version SEC("version") = 0xFFFFFFFE; /* ignored by kernels >= 5.0 */
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_FIN_WAIT1 4
+#define TCP_FIN_WAIT2 5
+#define TCP_CLOSING 11
 #define TCP_SYN_RECV 3
 #define TCP_CLOSE 7
 #define TCP_CLOSE_WAIT 8
@@ -534,6 +536,21 @@ INLINE int same_tuple(const struct conn_tuple *a, const struct conn_tuple *b)
 	       a->netns == b->netns;
 }
 
+/* kprobe backend: a TCP socket's bytes are the moves of its sequence
+ * counters, tcp_sock's write_seq (bytes the application queued) and
+ * copied_seq (bytes it read), since they were last counted; their
+ * baseline is taken where the life starts (ESTABLISHED: the SYN is
+ * behind both, and nothing was read or queued yet).  Not guessed for the
+ * tracepoint backend (write_seq 0): nothing is read. */
+INLINE void seq_baseline(const void *sk, struct offsets *o, struct sock_info *si)
+{
+	if (!o->write_seq)
+		return;
+	kread(&si->write_seq, sizeof(si->write_seq), sk + o->write_seq);
+	kread(&si->copied_seq, sizeof(si->copied_seq), sk + o->copied_seq);
+	si->seq_flags = SEQ_SEND | SEQ_RECV;
+}
+
 /* Start a new life on sk: whatever entry was there ends first (unless it
  * is this very life, open with the same tuple).  pid 0: owner not known
  * yet (passive open: the first process to use it). */
@@ -551,6 +568,7 @@ INLINE struct sock_info *new_life(const void *sk, struct offsets *o, __u32 pid, 
 			return 0;
 		}
 		fresh.has_tuple = 1;
+		seq_baseline(sk, o, &fresh);
 		/* the same open life, made meanwhile on another CPU: accept()
 		 * can return the socket (claim_sock) before the handshake's
 		 * last step set it ESTABLISHED (tcp_state), in either order */
@@ -703,6 +721,96 @@ INLINE void tcp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
 		count_other(si, o, tgid, sent, recv);
 }
 
+/* Process context: after sock_sendmsg()'s protocol handler returned ret.
+ * The hot path: one lookup of the socket's own socks entry.  A TCP
+ * socket's holds its life and its owner's counters (tcp_hit: one compare
+ * and the adds); a UDP socket's its first flow (udp_count).  Any other
+ * case takes the longer way. */
+INLINE void tcp_hit(const void *sk, struct sock_info *si, struct offsets *o, __u64 sent, __u64 recv)
+{
+	if (si->has_tuple && si->tuple.pid == (__u32)(bpf_get_current_pid_tgid() >> 32)) {
+		__u64 was = si->stats.sent_bytes + si->stats.recv_bytes;
+		if ((was ^ (was + sent + recv)) >> 16) /* each 64 KiB moved: the RTT again */
+			read_rtt(sk, o, &si->stats);
+		add_bytes(&si->tuple, &si->stats, o, sent, recv, (__u64)sk);
+	} else
+		tcp_count(sk, o, sent, recv);
+}
+
+/* kprobe backend: count the bytes sk's write_seq moved since it was last
+ * counted (all queued by the current process: every send counts before
+ * it lets the socket lock go).  si: sk's entry, with SEQ_SEND. */
+INLINE void seq_send_settle(const void *sk, struct offsets *o, struct sock_info *si)
+{
+	__u32 now;
+
+	if (bpf_probe_read_kernel(&now, sizeof(now), sk + o->write_seq)) {
+		tele_add(TELE_READ_FAULTS);
+		return;
+	}
+	__u32 moved = now - si->write_seq;
+	si->write_seq = now;
+	if (moved)
+		tcp_hit(sk, si, o, moved, 0);
+}
+
+/* tcp_push(sk, ...): the end of every send that queued bytes (and before
+ * it waits for memory).  A socket the tracer did not see start is
+ * adopted: its bytes past where sending stood (sent_seq) are this send's
+ * (exact for a send on an idle socket; a large one may have sent some
+ * already). */
+INLINE void seq_send(const void *sk, struct offsets *o)
+{
+	__u64 key = (__u64)sk;
+	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
+
+	if (!si || si->tuple.proto != TRACER_PROTO_TCP) {
+		si = claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_UNKNOWN);
+		if (!si || !(si->seq_flags & SEQ_SEND))
+			return;
+		if (o->sent_seq)
+			kread(&si->write_seq, sizeof(si->write_seq), sk + o->sent_seq);
+	}
+	if (si->seq_flags & SEQ_SEND)
+		seq_send_settle(sk, o, si);
+}
+
+/* tcp_cleanup_rbuf(sk, copied): the end of every read (and before it
+ * sleeps for more); copied > 0.  A MSG_PEEK moves nothing.  Reading the
+ * peer's FIN moves copied_seq by one more: then copied_seq reaches
+ * rcv_nxt, which includes it.  A socket the tracer did not see start is
+ * adopted with this read's bytes. */
+INLINE void seq_recv(const void *sk, struct offsets *o, int copied)
+{
+	__u64 key = (__u64)sk;
+	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
+	__u32 now, nxt = 0;
+
+	if (!si || si->tuple.proto != TRACER_PROTO_TCP) {
+		si = claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_UNKNOWN);
+		if (!si)
+			return;
+		si->copied_seq -= copied;
+	}
+	if (!(si->seq_flags & SEQ_RECV))
+		return;
+	if (bpf_probe_read_kernel(&now, sizeof(now), sk + o->copied_seq)) {
+		tele_add(TELE_READ_FAULTS);
+		return;
+	}
+	__u32 moved = now - si->copied_seq;
+	si->copied_seq = now;
+	if ((si->seq_flags & SEQ_FIN) && moved) {
+		kread(&nxt, sizeof(nxt), sk + o->rcv_nxt);
+		if (nxt == now) {
+			si->seq_flags &= ~SEQ_FIN;
+			moved--;
+		}
+	}
+	if (moved)
+		tcp_hit(sk, si, o, 0, moved);
+}
+
 INLINE void take_synack_retrans(struct sock_info *si)
 {
 	struct conn_tuple t;
@@ -739,6 +847,7 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldst
 				return;
 			si->tuple.life = life;
 			si->has_tuple = 1;
+			seq_baseline(sk, o, si);
 			if (!wanted(o, &si->tuple)) { /* filtered out (family, port) */
 				bpf_map_delete_elem(&socks, &key);
 				bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_FILTERED}, BPF_ANY);
@@ -755,8 +864,11 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldst
 			return;
 		/* an open entry with this very tuple: data came first (fast
 		 * open); anything else is an earlier life on this memory */
-		if (si && si->has_tuple && si->stats.state == CONN_OPEN && same_tuple(&si->tuple, &now))
+		if (si && si->has_tuple && si->stats.state == CONN_OPEN && same_tuple(&si->tuple, &now)) {
+			if (!si->seq_flags) /* named before ESTABLISHED: counted from now */
+				seq_baseline(sk, o, si);
 			return;
+		}
 		si = new_life(sk, o, 0, DIR_INCOMING, 1, 1); /* passive open: owner known at accept or first use */
 		if (si)
 			take_synack_retrans(si);
@@ -764,7 +876,16 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldst
 	}
 	if (!si)
 		return;
+	if (newstate == TCP_CLOSE_WAIT || newstate == TCP_CLOSING) { /* the peer's FIN came */
+		si->seq_flags |= si->seq_flags & SEQ_RECV ? SEQ_FIN : 0;
+		return;
+	}
 	if (newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK) { /* close() or shutdown() */
+		/* the bytes queued before our FIN, which takes a sequence number */
+		if (si->seq_flags & SEQ_SEND) {
+			seq_send_settle(sk, o, si);
+			si->seq_flags &= ~SEQ_SEND;
+		}
 		if (si->tuple.pid == 0)
 			claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_INCOMING);
 		return;
@@ -796,6 +917,11 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldst
 				return;
 			}
 		}
+		/* nothing is sent after TCP_CLOSE (tcp_disconnect moves write_seq
+		 * on); from FIN_WAIT2 without an error, the peer's FIN came */
+		si->seq_flags &= ~SEQ_SEND;
+		if (oldstate == TCP_FIN_WAIT2 && si->stats.end == END_FIN && (si->seq_flags & SEQ_RECV))
+			si->seq_flags |= SEQ_FIN;
 		read_rtt(sk, o, &si->stats);
 		close_life(si, o, key);
 		if (si->tuple.pid)
@@ -1331,22 +1457,6 @@ int guess_udp_v6_send_skb(struct pt_regs *ctx)
 /* tracepoint backend */
 
 
-/* Process context: after sock_sendmsg()'s protocol handler returned ret.
- * The hot path: one lookup of the socket's own socks entry.  A TCP
- * socket's holds its life and its owner's counters (tcp_hit: one compare
- * and the adds); a UDP socket's its first flow (udp_count).  Any other
- * case takes the longer way. */
-INLINE void tcp_hit(const void *sk, struct sock_info *si, struct offsets *o, __u64 sent, __u64 recv)
-{
-	if (si->has_tuple && si->tuple.pid == (__u32)(bpf_get_current_pid_tgid() >> 32)) {
-		__u64 was = si->stats.sent_bytes + si->stats.recv_bytes;
-		if ((was ^ (was + sent + recv)) >> 16) /* each 64 KiB moved: the RTT again */
-			read_rtt(sk, o, &si->stats);
-		add_bytes(&si->tuple, &si->stats, o, sent, recv, (__u64)sk);
-	} else
-		tcp_count(sk, o, sent, recv);
-}
-
 INLINE void on_send_length(const void *sk, long ret)
 {
 	struct offsets *o = ready_offsets();
@@ -1842,6 +1952,31 @@ int krp_inet_csk_accept(struct pt_regs *ctx)
 	return 0;
 }
 
+SEC("kprobe/tcp_push")
+int kp_tcp_push(struct pt_regs *ctx)
+{
+	struct offsets *o = ready_offsets();
+	if (o)
+		seq_send((void *)PARM1(ctx), o);
+	return 0;
+}
+
+SEC("kprobe/tcp_cleanup_rbuf")
+int kp_tcp_cleanup_rbuf(struct pt_regs *ctx)
+{
+	struct offsets *o;
+	int copied = (int)PARM2(ctx);
+
+	if (copied <= 0) /* nothing read (the call before a blocking read sleeps) */
+		return 0;
+	o = ready_offsets();
+	if (o)
+		seq_recv((void *)PARM1(ctx), o, copied);
+	return 0;
+}
+
+/* The sequence counters' fallback, for a kernel without those two hooks:
+ * each call's return value, from a kprobe/kretprobe pair. */
 SEC("kprobe/tcp_sendmsg")
 int kp_tcp_sendmsg(struct pt_regs *ctx)
 {

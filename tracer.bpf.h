@@ -123,8 +123,17 @@ struct sock_info {
 	__u32 has_tuple;
 	struct conn_stats stats;
 	__u32 others[SOCK_OTHERS];
-	__u32 _pad;
+	__u32 seq_flags;  /* SEQ_*: which of the two below hold a baseline (kprobe backend) */
+	__u32 write_seq;  /* tcp_sock's write_seq and copied_seq when bytes were last counted */
+	__u32 copied_seq;
 };
+
+/* sock_info.seq_flags: the kprobe backend counts a TCP socket's bytes as
+ * the moves of its sequence counters (write_seq: bytes queued by the
+ * application; copied_seq: bytes read by it) since the last count */
+#define SEQ_SEND 1 /* write_seq holds a baseline (cleared once the FIN is queued) */
+#define SEQ_RECV 2 /* copied_seq holds a baseline */
+#define SEQ_FIN 4  /* the peer's FIN came and was not read yet: reading it moves copied_seq by 1 */
 
 /* A peer address taken from a message (unconnected UDP).  Python: abi.PEER. */
 struct peer {
@@ -189,6 +198,10 @@ struct offsets {
 	__u32 srtt;       /* struct tcp_sock: srtt_us (0: unknown) */
 	__u32 mdev;       /* struct tcp_sock: mdev_us (0: unknown) */
 	__u32 inet_sport; /* struct inet_sock: inet_sport, network order (0: unknown) */
+	__u32 write_seq;  /* struct tcp_sock: write_seq (0: unknown; the kprobe backend's) */
+	__u32 copied_seq; /* struct tcp_sock: copied_seq (0: unknown) */
+	__u32 rcv_nxt;    /* struct tcp_sock: rcv_nxt (0: unknown) */
+	__u32 sent_seq;   /* struct tcp_sock: snd_nxt, snd_una or snd_sml (equal when idle; 0: unknown) */
 };
 
 #define SKC_BLOCK 128

@@ -232,7 +232,8 @@ class Tracer(object):
         except bpfsys.BPFError as e:
             raise TracerError("loading the BPF programs failed: %s" % e)
         try:
-            self.offsets = backends.run_guess(self._coll, self.backend, self.ipv6, kprobe_method)
+            self.offsets = backends.run_guess(self._coll, self.backend, self.ipv6, kprobe_method,
+                                              self.plan)
         except bpfsys.BPFError as e:
             raise TracerError("offset guessing could not attach: %s" % e)
         except offsetguess.GuessError as e:

@@ -320,13 +320,20 @@ def hold_bpftrace(script, args=(), cpu=None):
                   stop_signal=signal.SIGINT)
 
 
+# tcptop's own hooks (libbpf-tools and BCC): a do-nothing program on each is
+# the floor the kprobe backend's TCP path is held to (each entry: a program
+# of the object whose type the do-nothing program takes, kind, target)
+TCPTOP_HOOKS = (("kp_tcp_push", "kprobe", "tcp_sendmsg"),
+                ("kp_tcp_cleanup_rbuf", "kprobe", "tcp_cleanup_rbuf"))
+
+
 def attach_floor(backend):
-    """Do-nothing programs on exactly the hooks `backend` attaches to;
-    returns (links, programs)."""
+    """Do-nothing programs on exactly the hooks `backend` attaches to (or,
+    for "tcptop", tcptop's); returns (links, programs)."""
     import backends
     import bpfsys
     bpfsys.tracefs()
-    plan = backends.plan(backend)
+    plan = TCPTOP_HOOKS if backend == "tcptop" else backends.plan(backend)
     types = backends.object_spec().programs  # each planned program's type
     progs, links = {}, []
     root = None
@@ -371,7 +378,7 @@ def hold_main(args):
             backend = "counter"
         else:
             import backends
-            backend = backends.choose(args.backend)[0]
+            backend = args.backend if args.backend == "tcptop" else backends.choose(args.backend)[0]
             links, progs = attach_floor(backend)
         print("ready backend=%s hooks=%d" % (backend, len(links)), flush=True)
 

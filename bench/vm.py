@@ -9,9 +9,11 @@ The host kernel has no kprobes, so these run in a guest: startup (exec to
 the first poll ready) of tracer.py's kprobe backend, libbpf-tools' tcptop
 and BCC's tcptop; bench/pingpong.c with nothing attached, the tracer's
 kprobe backend, do-nothing programs on exactly its kprobes/kretprobes (the
-floor), libbpf-tools' tcptop and BCC's tcptop (with --baseline: the tracer
-of another checkout and do-nothing programs on its hooks), in ABBA order in
-the same boot; each tool's peak RSS; and the bytes each shows for a known transfer.
+floor) and on tcptop's two hooks (kprobe tcp_sendmsg + kprobe
+tcp_cleanup_rbuf), libbpf-tools' tcptop and BCC's tcptop (with --baseline: the
+tracer of another checkout and do-nothing programs on its hooks), in ABBA order
+in the same boot; each tool's peak RSS; and the bytes each shows for a known
+transfer.
 Everything runs under qemu TCG (software emulation): absolute times are
 10-20x the host's, so compare only within one run.
 
@@ -158,7 +160,9 @@ def guest(a):
                ("tracer kprobe", lambda: hostbench.hold_tracer("kprobe", cpu=hold_cpu,
                                                                timeout=300)),
                ("do-nothing floor", lambda: hostbench.hold_floor("kprobe", cpu=hold_cpu,
-                                                                 timeout=300))]
+                                                                 timeout=300)),
+               ("do-nothing on tcptop's hooks", lambda: hostbench.hold_floor(
+                   "tcptop", cpu=hold_cpu, timeout=300))]
     if a.baseline:  # the tracer of another checkout, side by side in this boot
         configs.append(("tracer baseline", lambda: hostbench.hold_baseline(
             a.baseline, backend="kprobe", cpu=hold_cpu, timeout=300)))
@@ -213,6 +217,30 @@ def ensure_peers(release, install):
     return dict((pkg, "not installed (apt-get install %s)" % pkg) for pkg in missing)
 
 
+def goal_lines(samples, tracer="tracer kprobe", peer="libbpf-tools tcptop",
+               floor="do-nothing on tcptop's hooks"):
+    """Issue 14's goals for TCP, round by round (each round's sample of every
+    configuration was taken within one ABBA visit): the CPU the tracer adds
+    per round trip below tcptop's, and at most 1.5x a do-nothing program's
+    on tcptop's own two hooks."""
+    per = dict((n, [c for _, c in samples.get(n, {}).get("tcp", [])]) for n in
+               ("none", tracer, peer, floor))
+    n = min(len(v) for v in per.values())
+    if not n:
+        return ["TCP goals: not measured (needs %s, %s and %s)" % (tracer, peer, floor)]
+    added = dict((k, [per[k][i] - per["none"][i] for i in range(n)]) for k in per)
+    below = sum(added[tracer][i] < added[peer][i] for i in range(n))
+    within = sum(added[tracer][i] <= 1.5 * added[floor][i] for i in range(n))
+    med = lambda xs: hostbench.median(xs)
+    return ["TCP goals, round by round (%d rounds): tracer below %s in %d, within 1.5x the "
+            "do-nothing programs on tcptop's hooks in %d" % (n, peer, below, within),
+            "  median added: tracer %.0f ns, %s %.0f ns, do-nothing on tcptop's hooks %.0f ns "
+            "(tracer/do-nothing %.2fx)" % (med(added[tracer]), peer, med(added[peer]),
+                                          med(added[floor]),
+                                          med(added[tracer]) / med(added[floor])
+                                          if med(added[floor]) > 0 else float("nan"))]
+
+
 def report(res, kernel):
     st = res["startup"]
     print("tracer-bpf kprobe benchmarks in a qemu TCG guest, kernel %s, %s" % (
@@ -239,6 +267,8 @@ def report(res, kernel):
                     p.upper(), who, tr[p]["added_ns"], floor, fl[p]["added_ns"],
                     tr[p]["added_ns"] / fl[p]["added_ns"] if fl[p]["added_ns"] > 0
                     else float("nan")))
+    for line in goal_lines(h["samples"]):
+        print("   " + line)
     for name, e in h["errors"].items():
         print("   %s: not measured: %s" % (name, e))
     print("\n4. peak RSS (VmHWM)")

@@ -304,3 +304,60 @@ def test_a_connection_opened_before_the_tracer_has_no_start(col):
     for x in (c, s, lst):
         x.close()
 
+
+
+def _tcp_pair():
+    from eventcases import _pair
+    lst, c, s = _pair()
+    lst.close()
+    return c, s
+
+
+def test_blocking_read_returning_in_pieces_then_the_fin(col):
+    """One blocking recv(MSG_WAITALL) gets 300 + 300 + 100 bytes sent
+    apart, then the peer's FIN (it returns 700, having read the FIN):
+    700 received, the FIN not counted; exact while both stay open."""
+    import threading
+    import time
+    c, s = _tcp_pair()
+    got = []
+    reader = threading.Thread(target=lambda: got.append(len(s.recv(1000, socket.MSG_WAITALL))))
+    reader.start()
+    for n in (300, 300, 100):
+        c.sendall(b"p" * n)
+        time.sleep(0.2)
+    c.shutdown(socket.SHUT_WR)
+    reader.join(30)
+    assert got == [700]
+    assert s.recv(10) == b""
+    s.sendall(b"r" * 50)
+    assert c.recv(100) == b"r" * 50
+    col.one(pid=os.getpid(), lport=s.getsockname()[1], sent_bytes=50, recv_bytes=700)
+    col.one(pid=os.getpid(), lport=c.getsockname()[1], sent_bytes=700, recv_bytes=50)
+    c.close()
+    s.close()
+
+
+def test_counts_are_exact_while_the_connection_is_open_and_idle(col, tmp_path):
+    """A send, a sendfile() and reads in pieces (a MSG_PEEK among them),
+    then nothing: the next polls already hold every byte, with both
+    sockets still open."""
+    c, s = _tcp_pair()
+    path = tmp_path / "data"
+    path.write_bytes(b"f" * 100000)
+    c.sendall(b"x" * 1234)
+    with open(str(path), "rb") as f:
+        sent = 0
+        while sent < 100000:
+            sent += os.sendfile(c.fileno(), f.fileno(), sent, 100000 - sent)
+    assert len(s.recv(100, socket.MSG_PEEK)) == 100
+    total = 0
+    while total < 101234:
+        total += len(s.recv(min(7000, 101234 - total)))
+    s.sendall(b"y" * 77)
+    assert len(c.recv(77, socket.MSG_WAITALL)) == 77
+    cli = col.one(pid=os.getpid(), lport=c.getsockname()[1], sent_bytes=101234, recv_bytes=77)
+    srv = col.one(pid=os.getpid(), lport=s.getsockname()[1], sent_bytes=77, recv_bytes=101234)
+    assert cli.state == srv.state == "open"
+    c.close()
+    s.close()

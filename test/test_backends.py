@@ -15,8 +15,8 @@ import backends
 import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYMBOLS = set(["tcp_set_state", "inet_csk_accept", "tcp_sendmsg", "tcp_recvmsg", "udp_send_skb",
-               "udp_v6_send_skb", "skb_consume_udp"])
+SYMBOLS = set(["tcp_set_state", "inet_csk_accept", "tcp_push", "tcp_cleanup_rbuf", "tcp_sendmsg",
+               "tcp_recvmsg", "udp_send_skb", "udp_v6_send_skb", "skb_consume_udp"])
 
 
 def _readme_rows():
@@ -73,13 +73,24 @@ def test_help_describes_every_backend_and_offers_them_as_choices():
 
 def test_plan_takes_kind_and_target_from_the_section():
     plan = backends.plan("kprobe", symbols=SYMBOLS, version=(6, 1), err="")
-    assert ("kp_tcp_recvmsg", "kprobe", "tcp_recvmsg") in plan
+    assert ("kp_tcp_push", "kprobe", "tcp_push") in plan
+    assert ("kp_tcp_cleanup_rbuf", "kprobe", "tcp_cleanup_rbuf") in plan
     assert ("krp_inet_csk_accept", "kretprobe", "inet_csk_accept") in plan
     assert ("tp_tcp_retransmit_skb", "raw_tracepoint", "tcp_retransmit_skb") in plan
-    assert not [p for p in plan if "sendpage" in p[0]]  # optional, absent from these symbols
+    assert not [p for p in plan if "sendmsg" in p[0] and "tcp" in p[0]]  # no kretprobe on TCP I/O
     old = dict((p, t) for p, _, t in backends.plan("kprobe", symbols=SYMBOLS, version=(5, 10),
                                                      err="_err"))
-    assert "kp_tcp_recvmsg_pre_5_19" in old and "tp_tcp_retransmit_skb_err" in old
+    assert "tp_tcp_retransmit_skb_err" in old
+
+
+def test_plan_counts_return_values_where_a_sequence_hook_is_missing():
+    for missing in ("tcp_push", "tcp_cleanup_rbuf"):
+        plan = [p for p, _, _ in backends.plan("kprobe", symbols=SYMBOLS - {missing},
+                                                version=(5, 10), err="")]
+        assert "kp_tcp_push" not in plan and "kp_tcp_cleanup_rbuf" not in plan
+        assert ["kp_tcp_sendmsg", "krp_tcp_sendmsg", "kp_tcp_recvmsg_pre_5_19",
+                "krp_tcp_recvmsg"] == [p for p in plan if "tcp_sendmsg" in p or "tcp_recvmsg" in p]
+        assert not [p for p in plan if "sendpage" in p]  # optional, absent from these symbols
     udp = backends.plan("kprobe", tcp=False, symbols=SYMBOLS, version=(6, 1), err="")
     assert udp == [("kp_udp_send_skb", "kprobe", "udp_send_skb"),
                    ("kp_udp_v6_send_skb", "kprobe", "udp_v6_send_skb"),
@@ -88,8 +99,8 @@ def test_plan_takes_kind_and_target_from_the_section():
 
 def test_a_missing_kernel_function_is_one_error():
     with pytest.raises(backends.BackendError) as info:
-        backends.plan("kprobe", symbols=SYMBOLS - {"tcp_sendmsg"}, version=(6, 1), err="")
-    assert str(info.value) == "kernel function tcp_sendmsg not found in /proc/kallsyms"
+        backends.plan("kprobe", symbols=SYMBOLS - {"tcp_set_state"}, version=(6, 1), err="")
+    assert str(info.value) == "kernel function tcp_set_state not found in /proc/kallsyms"
 
 
 def test_every_program_includes_fallbacks_and_guess_programs():

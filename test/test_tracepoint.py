@@ -34,7 +34,9 @@ from matrix import (test_tcp_bytes_pids_ports, test_udp_bytes_pids_ports,  # noq
                     test_200_concurrent_connections, test_msg_peek_not_counted,
                     test_sendfile_counts_bytes, test_partial_send_counts_what_the_kernel_accepted,
                     test_lifetimes_start_time_and_duration,
-                    test_a_connection_opened_before_the_tracer_has_no_start)
+                    test_a_connection_opened_before_the_tracer_has_no_start,
+                    test_blocking_read_returning_in_pieces_then_the_fin,
+                    test_counts_are_exact_while_the_connection_is_open_and_idle)
 
 
 def test_cross_check_of_guessed_offsets(col, tracer_tp):
