@@ -129,6 +129,11 @@ WANT_V4 = 4
 WANT_V6 = 8
 WANT_EVENTS = 16
 
+# the process name while guessing (other tracers leave its connections out)
+GUESS_COMM_LO = 0x673a726563617274
+GUESS_COMM_HI = 0x00676e6973736575
+GUESS_COMM = struct.pack("<QQ", GUESS_COMM_LO, GUESS_COMM_HI).rstrip(b"\0")  # b"tracer:guessing"
+
 # guess_req.mode
 GUESS_SOCK = 0
 GUESS_TASK = 1

@@ -406,7 +406,8 @@ def run_guess(coll, backend, ipv6=True, kprobe_method="auto", programs=None):
     try:
         for prog in b.guess:
             links.append(attach(coll, prog, kprobe_method=kprobe_method))
-        return offsetguess.guess(coll.maps, ipv6=ipv6, **options)
+        with offsetguess.guessing_name():
+            return offsetguess.guess(coll.maps, ipv6=ipv6, **options)
     finally:
         for l in links:
             l.close()

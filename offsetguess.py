@@ -14,6 +14,7 @@ offset inside struct net.  With IPv6 unavailable the v6 fields are left out,
 and the result says so.
 """
 
+import contextlib
 import errno
 import os
 import random
@@ -843,6 +844,34 @@ def _guess_udp_queues(prober):
     finally:
         a.close()
         b.close()
+
+
+@contextlib.contextmanager
+def guessing_name():
+    """The process named abi.GUESS_COMM while the probe connections are
+    made, its own name back after: every other tracer running leaves the
+    new connections of a process so named out (its programs compare the
+    name where a connection is first seen), so that they do not report
+    this tracer's probes as traffic, refused and reset connections
+    included.  (New connections of the process's other threads in that
+    fraction of a second are left out of the other tracers too.)"""
+    path = "/proc/self/comm"   # the process's: its main thread's name
+    try:
+        with open(path, "rb") as f:
+            own = f.read().rstrip(b"\n")
+        with open(path, "wb") as f:
+            f.write(abi.GUESS_COMM)
+    except OSError:
+        own = None
+    try:
+        yield
+    finally:
+        if own is not None:
+            try:
+                with open(path, "wb") as f:
+                    f.write(own)
+            except OSError:
+                pass
 
 
 def guess(maps, want_protocol=True, ipv6=True, want_skb=False, want_queues=False,

@@ -159,6 +159,27 @@ INLINE void process_comm(char *buf, struct offsets *o)
 	bpf_get_current_comm(buf, 16);
 }
 
+/* Whether comm is GUESS_COMM: a tracer guessing offsets names its process
+ * so while it makes its probe connections, and every other tracer leaves
+ * them out (tracer.bpf.h). */
+INLINE int guess_comm(const char *comm)
+{
+	__u64 a, b;
+
+	__builtin_memcpy(&a, comm, 8);
+	__builtin_memcpy(&b, comm + 8, 8);
+	return a == GUESS_COMM_LO && b == GUESS_COMM_HI;
+}
+
+/* Whether the current process is a tracer guessing its offsets. */
+INLINE int by_guesser(struct offsets *o)
+{
+	char comm[16];
+
+	process_comm(comm, o);
+	return guess_comm(comm);
+}
+
 /* Read a field of a perf tracepoint record at the offset user space found in
  * the format file.  The ctx pointer is laundered through the stack so the
  * verifier lets us add a run-time offset to it. */
@@ -592,6 +613,10 @@ INLINE struct sock_info *new_life(const void *sk, struct offsets *o, __u32 pid, 
 	bpf_map_delete_elem(&skip_socks, &key); /* an earlier life on this memory */
 	fresh.tuple.life = next_life();
 	init_stats(&fresh.stats, dir, pid != 0, o);
+	if (pid && guess_comm(fresh.stats.comm)) { /* another tracer's probe connection */
+		bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_FILTERED}, BPF_ANY);
+		return 0;
+	}
 	fresh.stats.seen_start = seen_start;
 	if (bpf_map_update_elem(&socks, &key, &fresh, BPF_NOEXIST)) {
 		tele_add(TELE_CONN_LOST);
@@ -645,6 +670,11 @@ INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u32 tgi
 		}
 		si->tuple.pid = tgid;
 		process_comm(si->stats.comm, o);
+		if (guess_comm(si->stats.comm)) { /* another tracer's probe connection */
+			bpf_map_delete_elem(&socks, &key);
+			bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_FILTERED}, BPF_ANY);
+			return 0;
+		}
 		mark_dirty(&si->tuple, &si->stats, o, key);
 		if (si->stats.direction == DIR_INCOMING && si->stats.seen_start) {
 			read_rtt(sk, o, &si->stats);
@@ -1262,6 +1292,10 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 	if (!wanted(o, &t))
 		return;
 	if (!si) {
+		/* (a probe socket of another tracer never gets an entry, so
+		 * its datagrams all come this way; others only until theirs) */
+		if (by_guesser(o))
+			return;
 		si = udp_home(key, o, &t, net, sent ? DIR_OUTGOING : DIR_INCOMING);
 		if (si) {
 			add_bytes(&si->tuple, &si->stats, o, sent, recv, key);

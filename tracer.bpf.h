@@ -213,6 +213,12 @@ struct offsets {
 #define WANT_V6 8
 #define WANT_EVENTS 16  /* push events into the events ring buffer */
 
+/* The name a tracer gives its process while it guesses offsets
+ * ("tracer:guessing", 16 bytes with the NUL, as two little-endian u64):
+ * other tracers leave that process's new connections out. */
+#define GUESS_COMM_LO 0x673a726563617274ULL
+#define GUESS_COMM_HI 0x00676e6973736575ULL
+
 /* guess_req map, index 0: what the guessing thread asks for.
  * Python: abi.GUESS_REQ. */
 struct guess_req {

@@ -276,6 +276,41 @@ def timeout_and_unreachable(backend):
         (81, 1, "connect_timeout"), (82, 1, "unreachable")]
 
 
+def another_tracer_starting(backend):
+    """A second tracer starting (in this very process) makes probe
+    connections while it guesses: TCP connected, refused and reset, UDP
+    datagrams.  The tracer already running reports none of them, neither
+    as events nor as records; this process's own traffic right after is
+    reported as usual, under its own name again."""
+    with open_tracer(backend) as t:
+        t.poll()
+        before = drain(t, lambda e: False, timeout=0.2)
+        with tracer.Tracer(backend=backend) as second:
+            assert second.offsets.values.get("ready")
+        with open("/proc/self/comm") as f:
+            assert f.read().strip() != tracer.abi.GUESS_COMM.decode()  # its name back
+        probes = drain(t, lambda e: False, timeout=0.5)
+        recs = t.poll()
+        note = lost_note(t)
+        lst, c, s = _pair()
+        cport, sport = _ports(c)
+        c.sendall(b"p" * 321)
+        assert s.recv(1000) == b"p" * 321
+        for x in (c, s, lst):
+            x.close()
+        after = drain(t, lambda e: len([x for x in e if x.event == "close"]) >= 2)
+        real = [r for r in t.poll() if (r.lport, r.rport) in ((cport, sport), (sport, cport))]
+    assert before == [] and note["events_lost"] == 0, (before, note)
+    assert probes == [], probes[:20]
+    assert recs == [], recs[:20]
+    assert sorted((e.event, e.lport) for e in after if e.event in ("connect", "accept")) == \
+        sorted([("connect", cport), ("accept", sport)]), after
+    with open("/proc/self/comm") as f:
+        own = f.read().strip()
+    assert sorted((r.lport, r.sent_bytes, r.recv_bytes, r.comm) for r in real) == \
+        sorted([(cport, 321, 0, own), (sport, 0, 321, own)]), real
+
+
 def burst_of_connections(backend, n=1000):
     """n connections opened and closed as fast as this process can: every
     event arrives (4 per connection), or the loss is counted exactly."""

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.root
 
 CASES = ["exact_sequence_of_a_connection", "short_connections_within_one_poll",
          "refused_connect", "resets_both_ways", "timeout_and_unreachable",
+         "another_tracer_starting",
          "burst_of_connections", "udp_open_and_expire", "rtt_matches_tcp_info",
          "rtt_with_netem_delay"]
 

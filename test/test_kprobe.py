@@ -212,7 +212,7 @@ def test_churn_of_mixed_endings_every_side_exact(col):
 @pytest.mark.parametrize("case", ["exact_sequence_of_a_connection",
                                   "short_connections_within_one_poll", "refused_connect",
                                   "resets_both_ways", "timeout_and_unreachable",
-                                  "burst_of_connections", "udp_open_and_expire",
+                                  "another_tracer_starting", "burst_of_connections", "udp_open_and_expire",
                                   "rtt_matches_tcp_info", "rtt_with_netem_delay"])
 def test_events(case):
     _need()
