@@ -636,6 +636,34 @@ INLINE int read_state(const void *sk, struct offsets *o)
 	return state;
 }
 
+/* Name a TCP life that has no tuple yet (its connect() before
+ * ESTABLISHED, data before it with fast open, a failed connect at
+ * TCP_CLOSE), keeping its owner and life number; where the kernel has
+ * already released skc_num, the port is inet_sport's.  Nonzero: the
+ * socket cannot be read. */
+INLINE int name_life(const void *sk, struct offsets *o, struct sock_info *si)
+{
+	__u32 pid = si->tuple.pid, life = si->tuple.life;
+	__u16 sport = 0;
+
+	if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &si->tuple))
+		return -1;
+	if (!si->tuple.sport && o->inet_sport) {
+		kread(&sport, sizeof(sport), sk + o->inet_sport);
+		si->tuple.sport = swap16(sport);
+	}
+	si->tuple.life = life;
+	si->has_tuple = 1;
+	return 0;
+}
+
+/* The event of a TCP life's end: connect_failed for one that never got
+ * established, else close. */
+INLINE void emit_end(struct offsets *o, struct sock_info *si)
+{
+	emit(o, si->stats.end >= END_REFUSED ? EV_CONNECT_FAILED : EV_CLOSE, &si->tuple, &si->stats);
+}
+
 /* Process context: the socks entry of sk, owned by the current process if
  * nobody owned it yet.  A socket the tracer never saw start is adopted
  * while its tuple is still valid. */
@@ -655,13 +683,8 @@ INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u32 tgi
 		if (!si)
 			return 0;
 	}
-	if (!si->has_tuple) { /* data before ESTABLISHED (fast open) */
-		__u32 pid = si->tuple.pid, life = si->tuple.life;
-		if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &si->tuple))
-			return 0;
-		si->tuple.life = life;
-		si->has_tuple = 1;
-	}
+	if (!si->has_tuple && name_life(sk, o, si)) /* data before ESTABLISHED (fast open) */
+		return 0;
 	if (si->tuple.pid == 0) {
 		if (o->pid_filter && tgid != o->pid_filter) { /* not the process traced */
 			bpf_map_delete_elem(&socks, &key);
@@ -680,8 +703,7 @@ INLINE struct sock_info *claim_sock(const void *sk, struct offsets *o, __u32 tgi
 			read_rtt(sk, o, &si->stats);
 			emit(o, EV_ACCEPT, &si->tuple, &si->stats);
 			if (si->stats.state == CONN_CLOSED) /* it closed before its owner came */
-				emit(o, si->stats.end >= END_REFUSED ? EV_CONNECT_FAILED : EV_CLOSE,
-				     &si->tuple, &si->stats);
+				emit_end(o, si);
 		}
 	}
 	return si;
@@ -872,11 +894,8 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldst
 	if (newstate == TCP_ESTABLISHED) {
 		struct conn_tuple now;
 		if (si && !si->has_tuple && si->stats.state == CONN_OPEN) { /* our connect() */
-			__u32 pid = si->tuple.pid, life = si->tuple.life;
-			if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &si->tuple))
+			if (name_life(sk, o, si))
 				return;
-			si->tuple.life = life;
-			si->has_tuple = 1;
 			seq_baseline(sk, o, si);
 			if (!wanted(o, &si->tuple)) { /* filtered out (family, port) */
 				bpf_map_delete_elem(&socks, &key);
@@ -931,16 +950,8 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldst
 				return;
 		}
 		if (!si->has_tuple) { /* a connect() that never got established: named now */
-			__u32 pid = si->tuple.pid, life = si->tuple.life;
-			__u16 sport = 0;
-			if (read_tuple(sk, o, pid, TRACER_PROTO_TCP, &si->tuple))
+			if (name_life(sk, o, si))
 				return;
-			if (!si->tuple.sport && o->inet_sport) { /* skc_num already released */
-				kread(&sport, sizeof(sport), sk + o->inet_sport);
-				si->tuple.sport = swap16(sport);
-			}
-			si->tuple.life = life;
-			si->has_tuple = 1;
 			if (!wanted(o, &si->tuple)) {
 				bpf_map_delete_elem(&socks, &key);
 				bpf_map_update_elem(&skip_socks, &key, &(__u32){SKIP_FILTERED}, BPF_ANY);
@@ -955,8 +966,7 @@ INLINE void tcp_state(const void *sk, struct offsets *o, int newstate, int oldst
 		read_rtt(sk, o, &si->stats);
 		close_life(si, o, key);
 		if (si->tuple.pid)
-			emit(o, si->stats.end >= END_REFUSED ? EV_CONNECT_FAILED : EV_CLOSE,
-			     &si->tuple, &si->stats);
+			emit_end(o, si);
 	}
 }
 
