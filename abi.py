@@ -231,7 +231,8 @@ PEER = CStruct("peer", [("addr", "16s"), ("port", "H"), ("family", "B"), ("_pad"
 # struct stash: one thread's syscall state (kernel-only)
 STASH = CStruct("stash", [
     ("sk", "Q"), ("msg", "Q"), ("uaddr", "Q"), ("bytes", "q"), ("flags", "q"),
-    ("peer", "%ds" % PEER.size), ("has_peer", "B"), ("_pad", "7s")])
+    ("peer", "%ds" % PEER.size), ("has_peer", "B"), ("_pad", "7s"),
+    ("sent_to", "%ds" % PEER.size), ("sent_sk", "Q")])
 # struct offsets: the guessed struct sock layout and the filters (offsets map)
 OFFSETS = CStruct("offsets", [(name, "I") for name in (
     "ready", "ipv6", "daddr", "saddr", "dport", "sport", "family", "state", "protocol",
@@ -309,6 +310,7 @@ MAPS = (
     _map("dirty", HASH, _TUPLE, (U64, "__u64 struct sock address"), CONN_TABLE_ENTRIES),
     _map("skip_socks", LRU_HASH, _SOCK, (U32, "__u32 SKIP_*"), PER_THREAD_ENTRIES),
     _map("udp_next", LRU_HASH, _SOCK, _struct(PEER), PER_THREAD_ENTRIES),
+    _map("udp_sent", LRU_HASH, _SOCK, _struct(PEER), 4096),
     _map("synack_retrans", LRU_HASH, _TUPLE, (U32, "__u32 count"), SYNACK_ENTRIES),
     # per-CPU copy of the start of a struct sock (read_tuple_block)
     _map("skc_copy", PERCPU_ARRAY, _INDEX, (SKC_BLOCK + 16, "SKC_BLOCK + 16 bytes"), 1),

@@ -58,6 +58,10 @@ MAP(skip_socks, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(__u32), 16384);
 /* unconnected UDP sockets: the source of the datagram at the head of the
  * receive queue, the next one a plain recv() or read() will return */
 MAP(udp_next, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct peer), 16384);
+/* unconnected UDP sockets: the peer of the last addressed send that
+ * succeeded, where the thread that made it went on to send from another
+ * socket (remember_sent_to) */
+MAP(udp_sent, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct peer), 4096);
 /* SYN-ACK retransmits by tuple, until the connection is established */
 MAP(synack_retrans, BPF_MAP_TYPE_LRU_HASH, sizeof(struct conn_tuple), sizeof(__u32), 4096);
 /* per-CPU scratch: a copy of the start of a struct sock (read_tuple_block);
@@ -1140,14 +1144,15 @@ INLINE void note_next_peer(const void *sk, struct offsets *o, int only_if)
 	note_next_peer_at(sk, o, only_if, bpf_map_lookup_elem(&udp_next, &key));
 }
 
-/* The thread's stash entry, written in place where it has one. */
+/* The thread's stash entry, written in place where it has one (keeping
+ * its sent_to). */
 INLINE void stash_put(struct stash *st)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct stash *cur = bpf_map_lookup_elem(&stash, &id);
 
 	if (cur)
-		__builtin_memcpy(cur, st, sizeof(*cur));
+		__builtin_memcpy(cur, st, __builtin_offsetof(struct stash, sent_to));
 	else if (bpf_map_update_elem(&stash, &id, st, BPF_ANY))
 		tele_add(TELE_STASH_LOST);
 }
@@ -1237,6 +1242,34 @@ INLINE struct sock_info *udp_home(__u64 key, struct offsets *o, struct conn_tupl
 	return 0;
 }
 
+/* The peer of a socket's last addressed send that succeeded, in the
+ * sending thread's stash entry (sent_sk, sent_to); when the thread sends
+ * from another socket, the one it held moves to udp_sent.  A thread that
+ * sends from one socket does no map update. */
+INLINE void remember_sent_to(struct stash *st, __u64 key, struct peer *p)
+{
+	if (st->sent_sk != key) {
+		if (st->sent_sk)
+			bpf_map_update_elem(&udp_sent, &st->sent_sk, &st->sent_to, BPF_ANY);
+		st->sent_sk = key;
+	}
+	__builtin_memcpy(&st->sent_to, p, sizeof(*p));
+}
+
+/* st: the thread's stash entry, or NULL */
+INLINE void sent_to(struct stash *st, __u64 key, struct peer *p)
+{
+	struct peer *q;
+
+	if (st && st->sent_sk == key) {
+		__builtin_memcpy(p, &st->sent_to, sizeof(*p));
+		return;
+	}
+	q = bpf_map_lookup_elem(&udp_sent, &key);
+	if (q)
+		__builtin_memcpy(p, q, sizeof(*p));
+}
+
 /* udp_count's how: */
 #define UDP_STASH 1 /* an unconnected socket's peer is the message's, in the thread's stash
 		     * (tracepoint backend: left by the cgroup hook or sys_enter) */
@@ -1280,8 +1313,19 @@ INLINE void udp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv,
 			if (st->has_peer) {
 				__builtin_memcpy(p, &st->peer, sizeof(*p));
 				stash_clear(st);
+				if (sent)
+					remember_sent_to(st, key, p);
+			} else if (sent) {
+				/* no hook ran: the call appended to the datagram the
+				 * last addressed send on sk left pending (MSG_MORE,
+				 * UDP_CORK) */
+				sent_to(st, key, p);
 			}
+		} else if (sent) {
+			sent_to(0, key, p);
 		}
+		if (sent && !p->family)
+			tele_add(TELE_PENDING_LOST);
 	}
 	if ((how & UDP_NOTE) && t.dport == 0) { /* unconnected: the peer noted when this datagram came to the head */
 		struct peer *next = bpf_map_lookup_elem(&udp_next, &key);
@@ -1969,15 +2013,20 @@ INLINE void stash_args(const void *sk, const void *msg, long flags)
 	stash_put(&st);
 }
 
-INLINE struct stash *stash_take(struct stash *copy)
+/* The socket the thread's kprobe stashed (0: none, or taken already),
+ * and its flags. */
+INLINE __u64 stash_take(long *flags)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct stash *st = bpf_map_lookup_elem(&stash, &id);
-	if (!st || !st->sk) /* (sk 0: taken already) */
+	__u64 sk;
+
+	if (!st || !st->sk)
 		return 0;
-	__builtin_memcpy(copy, st, sizeof(*copy));
+	sk = st->sk;
+	*flags = st->flags;
 	stash_clear(st);
-	return copy;
+	return sk;
 }
 
 SEC("kprobe/tcp_set_state")
@@ -2042,10 +2091,11 @@ int kp_tcp_sendpage(struct pt_regs *ctx)
 INLINE void tcp_send_return(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
-	struct stash copy, *st = stash_take(&copy);
+	long flags = 0;
+	__u64 sk = stash_take(&flags);
 	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
-	if (o && st && ret > 0)
-		tcp_count((void *)st->sk, o, ret, 0);
+	if (o && sk && ret > 0)
+		tcp_count((void *)sk, o, ret, 0);
 }
 
 SEC("kretprobe/tcp_sendmsg")
@@ -2082,10 +2132,11 @@ SEC("kretprobe/tcp_recvmsg")
 int krp_tcp_recvmsg(struct pt_regs *ctx)
 {
 	struct offsets *o = ready_offsets();
-	struct stash copy, *st = stash_take(&copy);
+	long flags = 0;
+	__u64 sk = stash_take(&flags);
 	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
-	if (o && st && ret > 0 && !(st->flags & MSG_PEEK))
-		tcp_count((void *)st->sk, o, 0, ret);
+	if (o && sk && ret > 0 && !(flags & MSG_PEEK))
+		tcp_count((void *)sk, o, 0, ret);
 	return 0;
 }
 

@@ -154,6 +154,12 @@ struct stash {
 	struct peer peer;
 	__u8 has_peer;
 	__u8 _pad[7];
+	/* tracepoint: the peer of the thread's last addressed UDP send that
+	 * succeeded, on socket sent_sk: the peer of the datagram that send
+	 * left pending (MSG_MORE, UDP_CORK), which later calls append to
+	 * without passing the cgroup hook */
+	struct peer sent_to;
+	__u64 sent_sk;
 };
 
 /* The guessed struct sock layout (offsets map, index 0).  Python:
