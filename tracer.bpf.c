@@ -1625,13 +1625,25 @@ int tp_sk_data_ready(struct raw_args *ctx)
 	struct offsets *o = ready_offsets();
 	__u64 key = (__u64)sk;
 	struct peer *cur;
-	__u16 dport = 1;
+	__u16 dport = 1, family = 0;
+	__u32 d;
+	__u64 w = 1;
 
 	if (!o || !o->sk_rcvq)
 		return 0;
-	kread(&dport, sizeof(dport), sk + o->dport);
-	if (dport) /* TCP data, connected UDP: one read */
-		return 0;
+	/* the remote port and the family: one read where they lie within 8
+	 * bytes (sock_common: skc_dport, skc_num, skc_family) */
+	d = o->family - o->dport;
+	if (d <= 6) {
+		kread(&w, sizeof(w), sk + o->dport);
+		dport = (__u16)w;
+		family = (__u16)(w >> (8 * d));
+	} else {
+		kread(&dport, sizeof(dport), sk + o->dport);
+		kread(&family, sizeof(family), sk + o->family);
+	}
+	if (dport || (family != AF_INET && family != AF_INET6))
+		return 0; /* TCP data, connected UDP, unix and other sockets: one read */
 	/* an unconnected socket with a note is UDP (a TCP listener in the
 	 * memory of a UDP socket that had one only costs a note nobody reads) */
 	cur = bpf_map_lookup_elem(&udp_next, &key);

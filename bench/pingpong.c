@@ -136,15 +136,20 @@ static void udp_server(int fd, size_t size)
 
 #include <sys/syscall.h>
 
-/* Unrelated work: getpid() (a bare syscall) or a 1-byte pipe write + read,
- * in a loop on one CPU; the same output line, one "round trip" per op. */
+/* Unrelated work: getpid() (a bare syscall), a 1-byte pipe write + read,
+ * or the same over a unix stream socket pair (a socket, not TCP or UDP:
+ * the sock tracepoints fire for it), in a loop on one CPU; the same
+ * output line, one "round trip" per op. */
 static int unrelated(const char *what, double seconds, int cpu)
 {
 	int p[2], isgetpid = !strcmp(what, "getpid");
 	long n = 0;
 	char c = 'x';
 	pin(cpu);
-	if (!isgetpid && pipe(p) < 0)
+	if (!strcmp(what, "unix")) {
+		if (socketpair(AF_UNIX, SOCK_STREAM, 0, p) < 0)
+			die("socketpair");
+	} else if (!isgetpid && pipe(p) < 0)
 		die("pipe");
 	long long c0 = run_ns(getpid());
 	double t0 = now(), t;
@@ -174,7 +179,8 @@ int main(int argc, char **argv)
 	size_t size = 64;
 	char buf[65536];
 
-	if (argc >= 2 && (!strcmp(argv[1], "getpid") || !strcmp(argv[1], "pipe"))) {
+	if (argc >= 2 && (!strcmp(argv[1], "getpid") || !strcmp(argv[1], "pipe") ||
+			  !strcmp(argv[1], "unix"))) {
 		optind = 2;
 		seconds = 1;
 		while ((opt = getopt(argc, argv, "n:t:c:s:")) != -1) {
@@ -186,7 +192,7 @@ int main(int argc, char **argv)
 		return unrelated(argv[1], seconds, cpu);
 	}
 	if (argc < 2 || (strcmp(argv[1], "tcp") && strcmp(argv[1], "udp"))) {
-		fprintf(stderr, "usage: pingpong tcp|udp|getpid|pipe [-n ROUNDTRIPS] [-t SECONDS] [-c CPU] [-s SIZE]\n");
+		fprintf(stderr, "usage: pingpong tcp|udp|getpid|pipe|unix [-n ROUNDTRIPS] [-t SECONDS] [-c CPU] [-s SIZE]\n");
 		return 2;
 	}
 	udp = !strcmp(argv[1], "udp");

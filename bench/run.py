@@ -8,7 +8,7 @@ Prints, for the tracepoint backend on the host kernel:
   1. startup: exec of a Python process to its first poll returned (median of
      N runs), next to a bpftrace tracepoint script's exec to its BEGIN line;
   2. hot path: bench/pingpong.c (64-byte TCP and UDP round trips on
-     127.0.0.1, client and server pinned to one CPU; and getpid() and pipe
+     127.0.0.1, client and server pinned to one CPU; and getpid(), pipe and unix socket
      loops, unrelated work) with nothing attached, the tracer attached, a
      bpftrace tcptop-like script attached, a minimal per-socket counter
      (bench/counter.bpf.c), the tracer with all this traffic filtered out,
@@ -563,7 +563,7 @@ def bench_hotpath(a, res, exe):
     log("hot path: %d ABBA rounds of %d configurations, %.1f s per protocol" % (
         a.rounds, len(configs), a.seconds))
     samples, errors, _, contaminated = abba_hotpath(exe, configs, a.rounds, a.seconds, load,
-                                                    protos=("tcp", "udp", "getpid", "pipe"),
+                                                    protos=("tcp", "udp", "getpid", "pipe", "unix"),
                                                     quiet_s=1.0)
     res["hotpath"] = {"cpu": load, "holder_cpu": hold_cpu, "rounds": a.rounds,
                       "seconds": a.seconds, "summary": summarize_hotpath(samples),
@@ -960,18 +960,20 @@ def print_hotpath_table(summary):
           "   (client+server, schedstat) added per round trip, median vs median; @min:\n"
           "   fastest vs fastest sample, which other load on the machine cannot inflate")
     if any("getpid" in per for per in summary.values()):
-        print("\n   unrelated work while attached (no socket involved):")
-        print("   %-24s %9s %6s %8s   %9s %6s %8s" % ("attached", "getpid ns", "kept", "added",
-                                                     "pipe ns", "kept", "added"))
+        print("\n   unrelated work while attached (no TCP or UDP socket involved):")
+        print("   %-24s %9s %6s %8s   %9s %6s %8s   %9s %6s %8s" % (
+            "attached", "getpid ns", "kept", "added", "pipe ns", "kept", "added",
+            "unix ns", "kept", "added"))
         for name, per in summary.items():
             cells = []
-            for p in ("getpid", "pipe"):
+            for p in ("getpid", "pipe", "unix"):
                 x = per.get(p)
                 cells.append("%9.1f %5.1f%% %+8.1f" % (x["ns_per_rt"], 100 * x["rate_kept"],
                                                        x["added_ns"])
                              if x else "%9s %6s %8s" % ("-", "-", "-"))
-            print("   %-24s %s   %s" % (name, cells[0], cells[1]))
-        print("   one getpid() or one 1-byte pipe write+read per op, CPU time per op")
+            print("   %-24s %s   %s   %s" % (name, cells[0], cells[1], cells[2]))
+        print("   one getpid(), or one 1-byte write+read on a pipe or on a unix stream socket\n"
+              "   pair (the sock tracepoints fire for every socket), CPU time per op")
     ratios = []
     for p in ("tcp", "udp"):
         t, c = summary.get("tracer tracepoint", {}).get(p), summary.get("per-socket counter", {}).get(p)
