@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 import traceback
+import unicodedata
 
 import backends
 import bpfsys
@@ -408,6 +409,54 @@ def endpoint(addr, port):
     return ("[%s]:%d" if ":" in addr else "%s:%d") % (addr, port)
 
 
+def shown(text):
+    """A process name as the terminal gets it: every character that is not
+    printable (an escape sequence, a newline: any process can name itself
+    so), or that the output's encoding lacks, as a backslash escape:
+    "\\x1b[2J" and not a cleared screen."""
+    if text.isprintable() and _encodable(text):
+        return text
+    return "".join(c if c.isprintable() and _encodable(c) else
+                   c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# the encoding of the terminal or file the text output goes to (main sets it)
+OUT_ENCODING = "utf-8"
+
+
+def _encodable(text):
+    try:
+        text.encode(OUT_ENCODING)
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+def text_width(text):
+    """Terminal columns text takes: East Asian wide characters two,
+    combining marks none."""
+    if text.isascii() if hasattr(text, "isascii") else all(ord(c) < 128 for c in text):
+        return len(text)
+    return sum(0 if unicodedata.combining(c) else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def fit(text, w, right=False):
+    """text cut to at most w columns, then padded to w (right: aligned
+    right)."""
+    if text_width(text) > w:
+        out, used = [], 0
+        for c in text:
+            cw = text_width(c)
+            if used + cw > w:
+                break
+            out.append(c)
+            used += cw
+        text = "".join(out)
+    pad = " " * (w - text_width(text))
+    return pad + text if right else text + pad
+
+
 def _duration_key(c):
     return -1.0 if c.duration is None else c.duration
 
@@ -450,7 +499,7 @@ def conn_columns(rate_seconds=None):
     suffix = "/s" if rate_seconds else ""
     return [
         Column("PID", ">", lambda c: str(c.pid)),
-        Column("COMM", "<", lambda c: c.comm, narrow=7),
+        Column("COMM", "<", lambda c: shown(c.comm), narrow=7),
         Column("PROTO", "<", lambda c: c.proto, drop=5),
         Column("LADDR:LPORT", "<", lambda c: endpoint(c.laddr, c.lport), drop=3),
         Column("LPORT", ">", lambda c: str(c.lport), drop=6),  # where LADDR:LPORT is dropped
@@ -481,7 +530,7 @@ def process_columns(rate_seconds=None):
     suffix = "/s" if rate_seconds else ""
     return [
         Column("PID", ">", lambda p: str(p.pid)),
-        Column("COMM", "<", lambda p: p.comm, narrow=7),
+        Column("COMM", "<", lambda p: shown(p.comm), narrow=7),
         Column("CONNS", ">", lambda p: str(p.conns)),
         Column("TCP", ">", lambda p: str(p.tcp), drop=2),
         Column("UDP", ">", lambda p: str(p.udp), drop=2),
@@ -492,36 +541,33 @@ def process_columns(rate_seconds=None):
     ]
 
 
-def render_table(columns, rows, width):
-    """The header line and one line per row, each at most width characters:
-    columns with a drop rank give way first (lowest rank first; LPORT is
-    shown only where LADDR:LPORT gave way), then the narrowable ones are
-    cut; an address is never cut."""
+def render_table(columns, rows, line_width):
+    """The header line and one line per row, each at most line_width
+    terminal columns: columns with a drop rank give way first (lowest rank
+    first; LPORT is shown only where LADDR:LPORT gave way), then the
+    narrowable ones are cut; an address is never cut."""
     cells = [[col.show(r) for col in columns] for r in rows]
-    widths = [max([len(col.head)] + [len(row[i]) for row in cells]) for i, col in enumerate(columns)]
-    shown = [col.head != "LPORT" for col in columns]
+    widths = [max([len(col.head)] + [text_width(row[i]) for row in cells]) for i, col in enumerate(columns)]
+    on = [col.head != "LPORT" for col in columns]
 
     def total():
-        return sum(w for w, s in zip(widths, shown) if s) + sum(shown) - 1
+        return sum(w for w, s in zip(widths, on) if s) + sum(on) - 1
 
     for rank in sorted(set(c.drop for c in columns if c.drop)):
-        if total() <= width:
+        if total() <= line_width:
             break
         for i, col in enumerate(columns):
             if col.drop == rank:
-                shown[i] = False
+                on[i] = False
             if col.head == "LPORT" and columns[i - 1].drop == rank:
-                shown[i] = True  # the local port stays where its address goes
+                on[i] = True  # the local port stays where its address goes
     for i, col in enumerate(columns):
-        if shown[i] and col.narrow is not None and total() > width:
-            widths[i] = max(col.narrow, len(col.head), widths[i] - (total() - width))
+        if on[i] and col.narrow is not None and total() > line_width:
+            widths[i] = max(col.narrow, len(col.head), widths[i] - (total() - line_width))
 
     def line(values):
-        out = []
-        for col, w, s, v in zip(columns, widths, shown, values):
-            if s:
-                out.append(("%-*s" if col.align == "<" else "%*s") % (w, v[:w]))
-        return " ".join(out).rstrip()[:width]
+        out = [fit(v, w, col.align == ">") for col, w, s, v in zip(columns, widths, on, values) if s]
+        return fit(" ".join(out).rstrip(), line_width).rstrip()
 
     return [line([c.head for c in columns])] + [line(r) for r in cells]
 
@@ -745,7 +791,8 @@ class Output(object):
             # the edge and the screen's last rows left out (a line that
             # wrapped would scroll the screen and garble every redraw)
             cols, high = terminal_size(real=True)
-            lines = [l[:cols] for l in lines[:max(1, high - 1)]]
+            lines = [fit(l, cols).rstrip() if text_width(l) > cols else l
+                     for l in lines[:max(1, high - 1)]]
             return HOME + "".join(l + CLEAR_EOL + "\n" for l in lines) + CLEAR_EOS
         return "\n" + "\n".join(lines) + "\n"
 
@@ -782,8 +829,8 @@ def event_line(e):
     """One event as a line of text: time, event, pid, comm, proto,
     endpoints, then what the event tells."""
     stamp = time.strftime("%H:%M:%S", time.localtime(e.time)) + (".%03d" % (e.time % 1 * 1000))
-    out = "%s %-14s %7d %-15s %s %s %s %s" % (
-        stamp, e.event, e.pid, e.comm, e.proto, endpoint(e.laddr, e.lport),
+    out = "%s %-14s %7d %s %s %s %s %s" % (
+        stamp, e.event, e.pid, fit(shown(e.comm), 15), e.proto, endpoint(e.laddr, e.lport),
         "<" if e.direction == "incoming" else ">", endpoint(e.raddr, e.rport))
     if e.event in ("close", "connect_failed", "udp_expire"):
         out += "  tx %s rx %s" % (human_bytes(e.sent_bytes), human_bytes(e.recv_bytes))
@@ -967,7 +1014,24 @@ def _error_text(e):
     return str(e)
 
 
+def _escape_unencodable(stream):
+    """stream, writing what its encoding cannot (a process name in Chinese
+    to an ASCII terminal or PYTHONIOENCODING=ascii) as backslash escapes
+    instead of failing."""
+    if getattr(stream, "errors", None) != "strict" or not hasattr(stream, "buffer"):
+        return stream
+    if hasattr(stream, "reconfigure"):  # 3.7+
+        stream.reconfigure(errors="backslashreplace")
+        return stream
+    import io
+    return io.TextIOWrapper(stream.buffer, encoding=stream.encoding, errors="backslashreplace",
+                            line_buffering=stream.line_buffering)
+
+
 def main(argv=None):
+    global OUT_ENCODING
+    sys.stdout = _escape_unencodable(sys.stdout)
+    OUT_ENCODING = getattr(sys.stdout, "encoding", None) or "utf-8"
     args = parse_args(argv)
     try:
         if args.check:

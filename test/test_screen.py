@@ -167,6 +167,77 @@ def test_by_process_screen_counts_connections_and_bytes():
     assert 1100 - 60 < tx <= 1100 + 60  # 1.1K is rounded; the sum of exact intervals
 
 
+EVIL_COMM = "\x1b[2J\x1b[31mX\n"  # clear the screen, turn red, a new line: 11 bytes
+
+
+def test_process_names_cannot_write_escape_sequences_and_wide_names_keep_columns():
+    # any process can name itself (prctl PR_SET_NAME): an escape sequence
+    # in its name must reach the terminal as text, and a name in wide
+    # (East Asian) characters must not shift the columns after it
+    need_tracepoint_backend()
+    with Terminal(120, 24, "--interval", "1", "--count", "3", "--tcp") as term:
+        term.wait_for("Ctrl-C to end")
+        evil, wide = Fleet(EVIL_COMM, 2), Fleet("\u6570\u636e\u5e93", 2)  # 3 wide characters
+        try:
+            term.wait_frames(1)
+            evil.send(100)
+            wide.send(300)
+            assert term.finish() == 0
+        finally:
+            evil.close()
+            wide.close()
+    assert b"\x1b[31m" not in term.raw and b"\x1b[2J" not in term.raw
+    frames = term.frames()
+    _assert_screen_sane(term, frames)
+    shown = cli.shown(EVIL_COMM)
+    assert shown == "\\x1b[2J\\x1b[31mX\\n"
+    f = _traffic_frame(frames, shown, 4, evil.pid)
+    head = f[1]
+    rows = [l for l in f if l.split()[:1] in ([str(evil.pid)], [str(wide.pid)])]
+    assert sorted((r.split()[0], r.split()[1], r.split()[5], r.split()[6]) for r in rows) == sorted(
+        [(str(evil.pid), shown, "100", "0"), (str(evil.pid), shown, "0", "100"),
+         (str(evil.pid), shown, "200", "0"), (str(evil.pid), shown, "0", "200"),
+         (str(wide.pid), "\u6570\u636e\u5e93", "300", "0"),
+         (str(wide.pid), "\u6570\u636e\u5e93", "0", "300"),
+         (str(wide.pid), "\u6570\u636e\u5e93", "600", "0"),
+         (str(wide.pid), "\u6570\u636e\u5e93", "0", "600")])
+    # every column starts where its header does, in terminal columns
+    for name in ("PROTO", "LADDR:LPORT", "RADDR:RPORT"):
+        at = head.index(name)
+        for r in rows:
+            field = r.split()[head.split().index(name)]
+            assert cli.text_width(r[:r.index(" " + field) + 1]) == at, (name, r, head)
+
+
+def test_shown_and_fit_count_terminal_columns():
+    assert cli.shown("nginx") == "nginx"
+    assert cli.shown("a\tb\x7f") == "a\\tb\\x7f"
+    assert cli.text_width("\u6570\u636e") == 4 and cli.text_width("e\u0301") == 1
+    assert cli.fit("\u6570\u636e\u5e93", 5) == "\u6570\u636e "
+    assert cli.fit("ab", 4, right=True) == "  ab"
+
+
+def test_a_name_the_output_encoding_lacks_is_escaped_not_an_error():
+    need_tracepoint_backend()
+    import subprocess
+    import sys
+    from screen import ROOT
+    wide = Fleet("\u6570\u636e\u5e93", 1)
+    try:
+        env = dict(__import__("os").environ, PYTHONIOENCODING="ascii")
+        p = subprocess.Popen([sys.executable, "tracer.py", "--tcp", "--interval", "1", "--count", "2"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = p.stdout.readline()  # "Tracing ...": attached
+        wide.send(50)
+        out, err = p.communicate(timeout=60)
+        out = first + out
+    finally:
+        wide.close()
+    assert p.returncode == 0, err
+    rows = [l.split() for l in out.decode("ascii").splitlines() if l.split()[:1] == [str(wide.pid)]]
+    assert rows and all(r[1] == "\\u6570\\u636e\\u5e93" for r in rows), out
+
+
 def test_terminal_smaller_than_the_layout_cuts_lines_instead_of_wrapping():
     """30x6, below the 40x5 the table is laid out for: each redraw stays
     within the screen (lines cut at its edge, no more lines than it has),
