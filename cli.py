@@ -1033,6 +1033,12 @@ def main(argv=None):
     sys.stdout = _escape_unencodable(sys.stdout)
     OUT_ENCODING = getattr(sys.stdout, "encoding", None) or "utf-8"
     args = parse_args(argv)
+    if sys.stdout is None:  # started with standard output closed
+        if not args.quiet:
+            sys.stderr.write("%s: error: standard output is closed: nothing to show the "
+                             "connections on (-q with --prometheus needs none)\n" % PROG)
+            return 1
+        sys.stdout = open(os.devnull, "w")
     try:
         if args.check:
             return check(args)

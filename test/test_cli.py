@@ -229,6 +229,15 @@ def test_unavailable_backend_is_one_line_exit_1():
     assert p.stdout == ""
 
 
+def test_closed_standard_output_is_one_line_exit_1():
+    # (sys.stdout is None in a process started with fd 1 closed)
+    cmd = [sys.executable, "tracer.py", "0.2", "1"]
+    p = subprocess.run("exec %s >&-" % " ".join(cmd), shell=True, cwd=ROOT,
+                       stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    _assert_one_error_line(p, "standard output is closed")
+    _assert_nothing_left()
+
+
 def test_truncated_object_is_one_line_exit_1(tmp_path):
     need_tracepoint_backend()
     bad = tmp_path / "tracer.bpf.o"
