@@ -759,6 +759,20 @@ INLINE void count_other(struct sock_info *si, struct offsets *o, __u32 tgid, __u
 	add_bytes(&t, s, o, sent, recv, 0);
 }
 
+/* A TCP socket the tracer leaves alone (skip_socks): 1, with the bytes
+ * of one it lost counted lost; 0 for any other. */
+INLINE int tcp_skipped(const void *sk, __u64 sent, __u64 recv)
+{
+	__u64 key = (__u64)sk;
+	__u32 *skip = bpf_map_lookup_elem(&skip_socks, &key);
+
+	if (!skip)
+		return 0;
+	if (*skip == SKIP_LOST)
+		tele_addn(TELE_BYTES_LOST, sent + recv);
+	return 1;
+}
+
 INLINE void tcp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -821,6 +835,8 @@ INLINE void seq_send(const void *sk, struct offsets *o)
 	struct sock_info *si = bpf_map_lookup_elem(&socks, &key);
 
 	if (!si || si->tuple.proto != TRACER_PROTO_TCP) {
+		if (!si && tcp_skipped(sk, 0, 0))
+			return;
 		si = claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_UNKNOWN);
 		if (!si || !(si->seq_flags & SEQ_SEND))
 			return;
@@ -843,6 +859,8 @@ INLINE void seq_recv(const void *sk, struct offsets *o, int copied)
 	__u32 now, nxt = 0;
 
 	if (!si || si->tuple.proto != TRACER_PROTO_TCP) {
+		if (!si && tcp_skipped(sk, 0, 0))
+			return;
 		si = claim_sock(sk, o, bpf_get_current_pid_tgid() >> 32, DIR_UNKNOWN);
 		if (!si)
 			return;
@@ -1571,7 +1589,8 @@ INLINE void on_send_length(const void *sk, long ret)
 		if (o->want && !(o->want & (proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
 			return;
 		if (proto == TRACER_PROTO_TCP) {
-			if (ret > 0)
+			/* (a socket filtered out: one lookup, not claim_sock's) */
+			if (ret > 0 && !tcp_skipped(sk, ret, 0))
 				tcp_count(sk, o, ret, 0);
 			return;
 		}
@@ -1607,7 +1626,8 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 		if (o->want && !(o->want & (proto == TRACER_PROTO_TCP ? WANT_TCP : WANT_UDP)))
 			return;
 		if (proto == TRACER_PROTO_TCP) {
-			tcp_count(sk, o, 0, ret);
+			if (!tcp_skipped(sk, 0, ret))
+				tcp_count(sk, o, 0, ret);
 			return;
 		}
 		if (proto != TRACER_PROTO_UDP)
