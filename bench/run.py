@@ -264,11 +264,11 @@ class Holder(object):
 
 
 def hold_tracer(backend="auto", cpu=None, poll_interval=1.0, timeout=180, pid=None,
-                events=False):
+                events=False, tcp_only=False):
     return Holder("tracer(%s)" % backend,
                   [PY, os.path.join(HERE, "run.py"), "--hold", "tracer", "--backend", backend,
                    "--poll-interval", str(poll_interval)] + (["--pid", str(pid)] if pid else [])
-                  + (["--events"] if events else []),
+                  + (["--events"] if events else []) + (["--tcp-only"] if tcp_only else []),
                   cpu=cpu, ready_timeout=timeout)
 
 
@@ -363,7 +363,8 @@ def hold_main(args):
     """--hold: attach, say ready, poll (tracer) until stdin closes."""
     if args.hold == "tracer":
         import tracer
-        t = tracer.Tracer(backend=args.backend, pid=args.pid, events=args.events)
+        t = tracer.Tracer(backend=args.backend, pid=args.pid, events=args.events,
+                          udp=not args.tcp_only)
         t.poll()
         print("ready backend=%s ready_seconds=%.4f" % (t.backend, t.ready_seconds), flush=True)
         closer = t.close
@@ -556,6 +557,10 @@ def bench_hotpath(a, res, exe):
         ("per-socket counter", lambda: hold_counter(cpu=hold_cpu)),
         ("tracer, filtered out", lambda: hold_tracer("tracepoint", cpu=hold_cpu, pid=1)),
         ("tracer with --events", lambda: hold_tracer("tracepoint", cpu=hold_cpu, events=True)),
+        # tracing TCP alone (--tcp) leaves out the UDP hooks: sk_data_ready, which
+        # fires for every socket's data, and the cgroup hooks
+        ("tracer, TCP only (--tcp)", lambda: hold_tracer("tracepoint", cpu=hold_cpu,
+                                                         tcp_only=True)),
         ("do-nothing floor", lambda: hold_floor("tracepoint", cpu=hold_cpu)),
     ]
     if a.baseline:
@@ -979,6 +984,10 @@ def print_hotpath_table(summary):
         t, c = summary.get("tracer tracepoint", {}).get(p), summary.get("per-socket counter", {}).get(p)
         if t and c and c["added_ns"] > 0:
             ratios.append("%s %.2fx" % (p.upper(), t["added_ns"] / c["added_ns"]))
+    t = summary.get("tracer, TCP only (--tcp)", {}).get("tcp")
+    c = summary.get("per-socket counter", {}).get("tcp")
+    if t and c and c["added_ns"] > 0:
+        ratios.append("TCP with --tcp %.2fx" % (t["added_ns"] / c["added_ns"]))
     if ratios:
         print("   tracer / per-socket counter, CPU added (medians): " + ", ".join(ratios))
 
@@ -1090,6 +1099,7 @@ def main(argv=None):
     ap.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tcp-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--poll-child", help=argparse.SUPPRESS)
     ap.add_argument("--mem-child", help=argparse.SUPPRESS)
