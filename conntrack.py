@@ -157,11 +157,29 @@ class Conn(object):
     field may be set (Conn() makes an empty record whose fields are all
     set); a set value is read back as it was set."""
 
-    __slots__ = ("_id", "_v", "_old", "_poll", "_key", "_set")
+    # _p: the poll's _Poll, shared, or the record's own _Extra once its key
+    # is decoded or a field set (four slots: 64 bytes a record)
+    __slots__ = ("_id", "_v", "_old", "_p")
 
     def __init__(self, _id=None, _v=None, _old=None, _poll=None):
-        self._id, self._v, self._old, self._poll = _id, _v, _old, _poll
-        self._key = self._set = None
+        self._id, self._v, self._old, self._p = _id, _v, _old, _poll
+
+    @property
+    def _poll(self):
+        x = self._p
+        return x.poll if x.__class__ is _Extra else x
+
+    @property
+    def _key(self):
+        """The ConnKey, where decoded and kept."""
+        x = self._p
+        return x.key if x.__class__ is _Extra else None
+
+    @property
+    def _set(self):
+        """{field: value} of the fields set, or None."""
+        x = self._p
+        return x.set if x.__class__ is _Extra else None
 
     @property
     def _raw(self):
@@ -227,14 +245,31 @@ class Conn(object):
             self.sent_bytes, self.recv_bytes, self.state)
 
 
+class _Extra(object):
+    """What a record holds beyond the shared: its poll, its decoded key,
+    the fields set on it."""
+    __slots__ = ("poll", "key", "set")
+
+    def __init__(self, poll):
+        self.poll, self.key, self.set = poll, None, None
+
+
+def _extra(c):
+    x = c._p
+    if x.__class__ is not _Extra:
+        x = c._p = _Extra(x)
+    return x
+
+
 def _comm(raw):
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _conn_key(c):
-    k = c._key
-    if k is None:
-        k = c._key = decode_tuple(c._raw)
+    x = c._p
+    if x.__class__ is _Extra and x.key is not None:
+        return x.key
+    k = _extra(c).key = decode_tuple(c._raw)
     return k
 
 
@@ -312,17 +347,20 @@ _DECODE = {
 
 def _field(name, decode):
     def get(c):
-        s = c._set
-        if s is not None and name in s:
-            return s[name]
+        x = c._p
+        if x.__class__ is _Extra:
+            s = x.set
+            if s is not None and name in s:
+                return s[name]
         if c._v is None:  # Conn(): only what was set
             raise AttributeError(name)
         return decode(c)
 
     def put(c, value):
-        if c._set is None:
-            c._set = {}
-        c._set[name] = value
+        x = _extra(c)
+        if x.set is None:
+            x.set = {}
+        x.set[name] = value
     return property(get, put)
 
 
