@@ -326,7 +326,7 @@ class Map(KernelObject):
         if self._batch_bufs is None:  # kept: a poll loop reads every interval
             # (4096: what a batch costs while it is split, 2 MB or so of
             # objects for socks, halves; the syscalls are not what costs)
-            count = max(64, min(self.max_entries, 4096))
+            count = max(64, min(self.max_entries, 2048))
             self._batch_bufs = (count, _buf(ks * count), _buf(vs * count))
         count, keys, values = self._batch_bufs
         tok_in = _buf(max(ks, 8))
