@@ -12,6 +12,7 @@ import collections
 import itertools
 import operator
 import socket
+import struct
 import time
 
 import abi
@@ -92,11 +93,16 @@ class _Poll(object):
 
 _CONN_STATS_SIZE = abi.CONN_STATS.size
 _STATS_AT = SOCK_INFO_STATS.start
+# conn_stats up to its trailing padding (68 of 72 bytes), unpacked
+assert abi.CONN_STATS.names[-1] == "_pad2" and abi.CONN_STATS.struct.format.endswith("I")
+_STATS_USED = abi.CONN_STATS.offset("_pad2")
+_unpack_stats_from = struct.Struct(abi.CONN_STATS.struct.format[:-1]).unpack_from
+assert struct.calcsize(abi.CONN_STATS.struct.format[:-1]) == _STATS_USED
 # what the table keeps of a socks value (and its records hold): the tuple,
-# has_tuple and the stats, not the tail the kernel alone reads (others,
-# the sequence snapshots): 128 bytes of 152
-_HELD = abi.SOCK_INFO.offset("others")
-_unpack_stats_from = abi.CONN_STATS.struct.unpack_from
+# has_tuple and the stats but their padding, not the tail the kernel alone
+# reads (others, the sequence snapshots): 124 bytes of 152, a 160-byte
+# object (128 bytes would take 176, 152 took 192)
+_HELD = _STATS_AT + _STATS_USED
 _unpack_tuple_from = abi.CONN_TUPLE.struct.unpack_from
 _ST = dict((n, i) for i, n in enumerate(abi.CONN_STATS.names))   # a field's index in the unpacked stats
 _TU = dict((n, i) for i, n in enumerate(abi.CONN_TUPLE.names))
@@ -110,7 +116,16 @@ def _stats_of(v):
 
 
 def _stats_bytes(v):
-    return v if len(v) == _CONN_STATS_SIZE else v[SOCK_INFO_STATS]
+    """The conn_stats bytes (72) of a conns or a socks value."""
+    return v if len(v) == _CONN_STATS_SIZE else v[SOCK_INFO_STATS].ljust(_CONN_STATS_SIZE, b"\0")
+
+
+_SOCK_STATE_AT = _STATS_AT + _STATE_OFFSET
+
+
+def _closed(v):
+    """Whether a conns or socks value's state is closed."""
+    return v[_STATE_OFFSET if len(v) == _CONN_STATS_SIZE else _SOCK_STATE_AT] == _CLOSED
 
 
 def _held(v):
@@ -163,7 +178,7 @@ class Conn(object):
 
     A record a poll made holds the raw map values it came from (shared
     with the table's own copy) and decodes a field when it is read:
-    100,000 records cost about 80 bytes each, not 30 decoded fields.  A
+    100,000 records cost about 64 bytes each, not 30 decoded fields.  A
     field may be set (Conn() makes an empty record whose fields are all
     set); a set value is read back as it was set."""
 
@@ -223,7 +238,7 @@ class Conn(object):
     def _decode(self):
         """Every field of FIELDS, in order, from the raw values."""
         (sent, recv, first_ns, last_ns, retr, direction, state, seen_start, end, comm, _, rtt,
-         rtt_var, _) = _stats_of(self._v)
+         rtt_var) = _stats_of(self._v)
         o_sent, o_recv = self._old_counters()[:2]
         proto, family, pid, laddr, lport, raddr, rport, netns, _ = (
             self._key or decode_tuple(self._raw))  # not kept: as_dict of every record
@@ -648,17 +663,27 @@ class ConnTable(object):
             self.first_ns = now_ns
         at = _Poll(start, now_ns)
         recs, gone = self._records(changed, cur, before, at)
-        recs = self._close_siblings(recs, cur, gone, at)
-        out = [c for c in recs if c._moved() and (include is None or include(c))]
+        seen = set(changed) if everything else None
+        del changed, before  # (the sort's keys below take the list's room)
+        out = self._close_siblings(recs, cur, gone, at)
         del recs
+        if include is None:
+            keep = bytearray(map(Conn._moved, out))
+        else:
+            keep = bytearray(c._moved() and bool(include(c)) for c in out)
+        if not all(keep):  # (the first poll keeps every record: no second list)
+            out = list(itertools.compress(out, keep))
+        del keep
         if everything:  # the entries that did not change, too (deltas 0)
-            seen = set(changed)
             seen.update(c._id for c in out)
             seen.update(c._raw for c in out if len(c._id) == _SOCK_ID)
             out.extend(self._unchanged(seen, cur, at, include))
+            del seen
         # by map id (the socket's address, or the record key): the order of
         # the maps, not of the decoded keys (sorting by those would decode
-        # every record)
+        # every record).  (Making the records in that order would spare the
+        # sort keys, but visiting the entries in id order, not in the order
+        # they lie in memory, made the first poll of 100k 70 ms slower.)
         out.sort(key=_BY_ID)
         # expiry: on the values this process holds (the kernel marks every
         # change, so an entry idle here is idle there), every full_every
@@ -692,6 +717,7 @@ class ConnTable(object):
         active, now_ns = self.active, at.now_ns
         sock_of = self.sock_of
         sock_of.fit(len(changed), cur, prev)  # (prev: the lives that ended this poll)
+        slots, mask, added = sock_of.slots, sock_of.mask, 0
         first = not self.polled  # every entry is new: active since first_ns
         for i in changed:
             v = cur[i]
@@ -704,7 +730,12 @@ class ConnTable(object):
                 if v[_PID] == _ZERO32:
                     continue  # incoming, not claimed by a process yet
                 key = v[SOCK_INFO_TUPLE]
-                sock_of.add(hash(key), i)
+                h = hash(key)
+                if slots[h & mask] is None:  # (sock_of.add, inline where the slot is free)
+                    slots[h & mask] = i
+                    added += 1
+                else:
+                    sock_of.add(h, i)
                 if old is not None and old[SOCK_INFO_TUPLE] != key:
                     old = None
             else:
@@ -730,11 +761,12 @@ class ConnTable(object):
                 if v[_STATE_OFFSET] == _CLOSED:
                     gone.append(key)
             out.append(Conn(i, v, old, at))
+        sock_of.n += added
         return out, gone
 
     def _unchanged(self, changed, cur, at, include):
-        """Records of the entries in cur not in changed, deltas 0."""
-        out = []
+        """Records of the entries in cur not in changed, deltas 0 (yielded:
+        the caller's list is the only one)."""
         for i, v in cur.items():
             if i in changed:
                 continue
@@ -742,8 +774,7 @@ class ConnTable(object):
                 continue
             c = Conn(i, v, v, at)
             if include is None or include(c):
-                out.append(c)
-        return out
+                yield c
 
     def _close_siblings(self, recs, cur, gone, at):
         """A record of a process that shares a socket (after fork) closes
@@ -752,11 +783,18 @@ class ConnTable(object):
         closed; they are deleted from conns after this poll."""
         ended = []
         for c in recs:
-            i, v = c._id, c._v
-            if (v if len(i) == _SOCK_ID else i)[_PROTO_OFFSET] != _TCP:
-                continue
-            key = c._raw
-            if _stats_bytes(v)[_STATE_OFFSET] == _CLOSED:
+            i, v = c._id, c._v  # (as read: a socks value is not 72 bytes)
+            if len(i) == _SOCK_ID:
+                if v[_PROTO_OFFSET] != _TCP:
+                    continue
+                key = v[SOCK_INFO_TUPLE]
+                closed = v[_SOCK_STATE_AT] == _CLOSED
+            else:
+                if i[_PROTO_OFFSET] != _TCP:
+                    continue
+                key = i
+                closed = v[_STATE_OFFSET] == _CLOSED
+            if closed:
                 ended.append(_life(key))
             elif key in cur:  # an open conns record of TCP: a process sharing a socket
                 self.siblings.setdefault(_life(key), set()).add(key)
@@ -770,7 +808,7 @@ class ConnTable(object):
                     if cur.get(k) is None:
                         continue
                     c = now[k] = Conn(k, cur[k], cur[k], at)
-                if _stats_bytes(c._v)[_STATE_OFFSET] != _CLOSED:
+                if not _closed(c._v):
                     c._closed_now()
                     gone.append(k)
         return list(now.values())
