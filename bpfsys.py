@@ -138,6 +138,17 @@ def _addr(buf):
     return ctypes.addressof(buf) if buf is not None else 0
 
 
+def release_freed():
+    """Hand the C heap's free pages back to the kernel (glibc's
+    malloc_trim; elsewhere nothing).  A full read of a large table frees
+    megabytes of batches in the heap's middle, which glibc keeps resident
+    until asked: a caller's peak RSS counts them under what it allocates
+    next."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def bpf(cmd, attr, what=None):
     """bpf(cmd, attr): returns the result, raises BPFError with context."""
     nr = _SYSCALLS[_machine()][0]

@@ -659,6 +659,8 @@ class ConnTable(object):
                 sum(len(k) for k, _ in self.drained_prev) // self.dirty.key_size
                 > max(1024, len(cur) // 4)):
             self.drained_prev = None
+        if full:  # what the read and the drain freed goes back before records are made
+            bpfsys.release_freed()
         if not self.polled:
             self.first_ns = now_ns
         at = _Poll(start, now_ns)
