@@ -94,10 +94,12 @@ class _Poll(object):
 _CONN_STATS_SIZE = abi.CONN_STATS.size
 _STATS_AT = SOCK_INFO_STATS.start
 # conn_stats up to its trailing padding (68 of 72 bytes), unpacked
-assert abi.CONN_STATS.names[-1] == "_pad2" and abi.CONN_STATS.struct.format.endswith("I")
+_STATS_FORMAT = abi.CONN_STATS.struct.format
+_STATS_FORMAT = _STATS_FORMAT.decode() if isinstance(_STATS_FORMAT, bytes) else _STATS_FORMAT  # (3.6)
+assert abi.CONN_STATS.names[-1] == "_pad2" and _STATS_FORMAT.endswith("I")
 _STATS_USED = abi.CONN_STATS.offset("_pad2")
-_unpack_stats_from = struct.Struct(abi.CONN_STATS.struct.format[:-1]).unpack_from
-assert struct.calcsize(abi.CONN_STATS.struct.format[:-1]) == _STATS_USED
+_unpack_stats_from = struct.Struct(_STATS_FORMAT[:-1]).unpack_from
+assert struct.calcsize(_STATS_FORMAT[:-1]) == _STATS_USED
 # what the table keeps of a socks value (and its records hold): the tuple,
 # has_tuple and the stats but their padding, not the tail the kernel alone
 # reads (others, the sequence snapshots): 124 bytes of 152, a 160-byte
