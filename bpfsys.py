@@ -138,6 +138,17 @@ def _addr(buf):
     return ctypes.addressof(buf) if buf is not None else 0
 
 
+def release_freed():
+    """Hand the C heap's free pages back to the kernel (glibc's
+    malloc_trim; elsewhere nothing).  A full read of a large table frees
+    megabytes of batches in the heap's middle, which glibc keeps resident
+    until asked: a caller's peak RSS counts them under what it allocates
+    next."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def bpf(cmd, attr, what=None):
     """bpf(cmd, attr): returns the result, raises BPFError with context."""
     nr = _SYSCALLS[_machine()][0]
@@ -312,17 +323,21 @@ class Map(KernelObject):
             out_v.extend(values)
         return out_k, out_v
 
-    def batches(self, delete=False, raw=False):
-        """The entries, one kernel batch at a time (up to 8192): yields
+    def batches(self, delete=False, raw=False, value_len=None):
+        """The entries, one kernel batch at a time (up to 4096): yields
         (keys, values), two lists of bytes, as read_batch reads them; a
         caller that keeps few of them never holds the whole map.  With raw,
         (keys, values) are each one bytes object, the batch's keys (or
-        values) end to end."""
+        values) end to end.  With value_len (not raw), each value is cut to
+        its first value_len bytes."""
         cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
         what = "bpf(%s) on map '%s'" % (CMD_NAMES[cmd], self.name)
         ks, vs = self.key_size, self.value_size
+        vl = min(value_len or vs, vs)
         if self._batch_bufs is None:  # kept: a poll loop reads every interval
-            count = max(64, min(self.max_entries, 8192))
+            # (4096: what a batch costs while it is split, 2 MB or so of
+            # objects for socks, halves; the syscalls are not what costs)
+            count = max(64, min(self.max_entries, 2048))
             self._batch_bufs = (count, _buf(ks * count), _buf(vs * count))
         count, keys, values = self._batch_bufs
         tok_in = _buf(max(ks, 8))
@@ -351,8 +366,12 @@ class Map(KernelObject):
                 if raw:
                     yield kraw, vraw
                 else:
-                    yield ([kraw[i:i + ks] for i in range(0, n * ks, ks)],
-                           [vraw[i:i + vs] for i in range(0, n * vs, vs)])
+                    chunk = ([kraw[i:i + ks] for i in range(0, n * ks, ks)],
+                             [vraw[i:i + vl] for i in range(0, n * vs, vs)])
+                    del kraw, vraw  # (not held while the caller has the chunk)
+                    yield chunk
+                    del chunk
+                kraw = vraw = None
             if done:
                 return
             ctypes.memmove(tok_in, tok_out, len(tok_out))
@@ -378,15 +397,17 @@ class Map(KernelObject):
         pairs = self.items_per_key()
         return [k for k, _ in pairs], [v for _, v in pairs]
 
-    def read_chunks(self):
+    def read_chunks(self, value_len=None):
         """All entries, yielded as (keys, values) a kernel batch at a time
-        where the kernel can batch, else in one chunk read per key."""
+        where the kernel can batch, else in one chunk read per key.  With
+        value_len, each value is cut to its first value_len bytes."""
         if self._batch_ok is not False:
             yielded = False
             try:
-                for chunk in self.batches():
+                for chunk in self.batches(value_len=value_len):
                     self._batch_ok = yielded = True
                     yield chunk
+                    chunk = None  # (not held while the next batch is read)
                 self._batch_ok = True
                 return
             except BPFError as e:
@@ -394,7 +415,10 @@ class Map(KernelObject):
                 if yielded or e.errno not in _NO_BATCH:
                     raise
                 self._batch_ok = False
-        yield self.read_all()
+        keys, values = self.read_all()
+        if value_len is not None and value_len < self.value_size:
+            values = [v[:value_len] for v in values]
+        yield keys, values
 
     def items(self):
         """All (key, value) pairs: batched where the kernel can, else per key."""

@@ -473,8 +473,28 @@ SORTS = {
 }
 
 
+_PACK_OFFSET = 1 << 127  # |a key's int| < 2**127: sums and differences of u64 counters, pids
+
+
+def _packed(first):
+    """first(c)'s ints, then pid, lport and rport (32, 16, 16 bits), made
+    one int that orders as their tuple does: about 80 bytes a row where the
+    tuple of five ints took 240 (16 MB at 100,000 rows)."""
+    def key(c):
+        k = 0
+        for x in first(c):
+            k = (k << 128) | (x + _PACK_OFFSET)
+        return (((k << 32 | c.pid) << 16 | getattr(c, "lport", 0)) << 16) | getattr(c, "rport", 0)
+    return key
+
+
 def sort_rows(rows, key="bytes"):
     first = SORTS[key]
+    if key != "duration":  # (ints only: one int a row)
+        try:
+            return sorted(rows, key=_packed(first))
+        except TypeError:  # (a field set to something else than an int)
+            pass
     return sorted(rows, key=lambda c: first(c) + (c.pid, getattr(c, "lport", 0),
                                                   getattr(c, "rport", 0)))
 

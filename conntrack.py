@@ -12,6 +12,7 @@ import collections
 import itertools
 import operator
 import socket
+import struct
 import time
 
 import abi
@@ -90,9 +91,20 @@ class _Poll(object):
         self.start, self.time, self.now_ns = start, round(start, 3), now_ns
 
 
-_SOCK_INFO_SIZE = abi.SOCK_INFO.size
+_CONN_STATS_SIZE = abi.CONN_STATS.size
 _STATS_AT = SOCK_INFO_STATS.start
-_unpack_stats_from = abi.CONN_STATS.struct.unpack_from
+# conn_stats up to its trailing padding (68 of 72 bytes), unpacked
+_STATS_FORMAT = abi.CONN_STATS.struct.format
+_STATS_FORMAT = _STATS_FORMAT.decode() if isinstance(_STATS_FORMAT, bytes) else _STATS_FORMAT  # (3.6)
+assert abi.CONN_STATS.names[-1] == "_pad2" and _STATS_FORMAT.endswith("I")
+_STATS_USED = abi.CONN_STATS.offset("_pad2")
+_unpack_stats_from = struct.Struct(_STATS_FORMAT[:-1]).unpack_from
+assert struct.calcsize(_STATS_FORMAT[:-1]) == _STATS_USED
+# what the table keeps of a socks value (and its records hold): the tuple,
+# has_tuple and the stats but their padding, not the tail the kernel alone
+# reads (others, the sequence snapshots): 124 bytes of 152, a 160-byte
+# object (128 bytes would take 176, 152 took 192)
+_HELD = _STATS_AT + _STATS_USED
 _unpack_tuple_from = abi.CONN_TUPLE.struct.unpack_from
 _ST = dict((n, i) for i, n in enumerate(abi.CONN_STATS.names))   # a field's index in the unpacked stats
 _TU = dict((n, i) for i, n in enumerate(abi.CONN_TUPLE.names))
@@ -100,12 +112,27 @@ _ST_SENT, _ST_RECV, _ST_RETR, _ST_STATE = _ST["sent_bytes"], _ST["recv_bytes"], 
 
 
 def _stats_of(v):
-    """conn_stats unpacked, from a conns value or a socks value (sock_info)."""
-    return _unpack_stats_from(v, _STATS_AT if len(v) == _SOCK_INFO_SIZE else 0)
+    """conn_stats unpacked, from a conns value or a socks value (sock_info,
+    whole or its first _HELD bytes)."""
+    return _unpack_stats_from(v, 0 if len(v) == _CONN_STATS_SIZE else _STATS_AT)
 
 
 def _stats_bytes(v):
-    return v[SOCK_INFO_STATS] if len(v) == _SOCK_INFO_SIZE else v
+    """The conn_stats bytes (72) of a conns or a socks value."""
+    return v if len(v) == _CONN_STATS_SIZE else v[SOCK_INFO_STATS].ljust(_CONN_STATS_SIZE, b"\0")
+
+
+_SOCK_STATE_AT = _STATS_AT + _STATE_OFFSET
+
+
+def _closed(v):
+    """Whether a conns or socks value's state is closed."""
+    return v[_STATE_OFFSET if len(v) == _CONN_STATS_SIZE else _SOCK_STATE_AT] == _CLOSED
+
+
+def _held(v):
+    """A socks value as the table keeps it (None stays None)."""
+    return v if v is None else v[:_HELD]
 
 
 class Conn(object):
@@ -153,15 +180,33 @@ class Conn(object):
 
     A record a poll made holds the raw map values it came from (shared
     with the table's own copy) and decodes a field when it is read:
-    100,000 records cost about 80 bytes each, not 30 decoded fields.  A
+    100,000 records cost about 64 bytes each, not 30 decoded fields.  A
     field may be set (Conn() makes an empty record whose fields are all
     set); a set value is read back as it was set."""
 
-    __slots__ = ("_id", "_v", "_old", "_poll", "_key", "_set")
+    # _p: the poll's _Poll, shared, or the record's own _Extra once its key
+    # is decoded or a field set (four slots: 64 bytes a record)
+    __slots__ = ("_id", "_v", "_old", "_p")
 
     def __init__(self, _id=None, _v=None, _old=None, _poll=None):
-        self._id, self._v, self._old, self._poll = _id, _v, _old, _poll
-        self._key = self._set = None
+        self._id, self._v, self._old, self._p = _id, _v, _old, _poll
+
+    @property
+    def _poll(self):
+        x = self._p
+        return x.poll if x.__class__ is _Extra else x
+
+    @property
+    def _key(self):
+        """The ConnKey, where decoded and kept."""
+        x = self._p
+        return x.key if x.__class__ is _Extra else None
+
+    @property
+    def _set(self):
+        """{field: value} of the fields set, or None."""
+        x = self._p
+        return x.set if x.__class__ is _Extra else None
 
     @property
     def _raw(self):
@@ -195,7 +240,7 @@ class Conn(object):
     def _decode(self):
         """Every field of FIELDS, in order, from the raw values."""
         (sent, recv, first_ns, last_ns, retr, direction, state, seen_start, end, comm, _, rtt,
-         rtt_var, _) = _stats_of(self._v)
+         rtt_var) = _stats_of(self._v)
         o_sent, o_recv = self._old_counters()[:2]
         proto, family, pid, laddr, lport, raddr, rport, netns, _ = (
             self._key or decode_tuple(self._raw))  # not kept: as_dict of every record
@@ -227,14 +272,31 @@ class Conn(object):
             self.sent_bytes, self.recv_bytes, self.state)
 
 
+class _Extra(object):
+    """What a record holds beyond the shared: its poll, its decoded key,
+    the fields set on it."""
+    __slots__ = ("poll", "key", "set")
+
+    def __init__(self, poll):
+        self.poll, self.key, self.set = poll, None, None
+
+
+def _extra(c):
+    x = c._p
+    if x.__class__ is not _Extra:
+        x = c._p = _Extra(x)
+    return x
+
+
 def _comm(raw):
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _conn_key(c):
-    k = c._key
-    if k is None:
-        k = c._key = decode_tuple(c._raw)
+    x = c._p
+    if x.__class__ is _Extra and x.key is not None:
+        return x.key
+    k = _extra(c).key = decode_tuple(c._raw)
     return k
 
 
@@ -312,17 +374,20 @@ _DECODE = {
 
 def _field(name, decode):
     def get(c):
-        s = c._set
-        if s is not None and name in s:
-            return s[name]
+        x = c._p
+        if x.__class__ is _Extra:
+            s = x.set
+            if s is not None and name in s:
+                return s[name]
         if c._v is None:  # Conn(): only what was set
             raise AttributeError(name)
         return decode(c)
 
     def put(c, value):
-        if c._set is None:
-            c._set = {}
-        c._set[name] = value
+        x = _extra(c)
+        if x.set is None:
+            x.set = {}
+        x.set[name] = value
     return property(get, put)
 
 
@@ -330,6 +395,112 @@ for _name, _decode in _DECODE.items():
     setattr(Conn, _name, _field(_name, _decode))
 del _name, _decode
 assert set(_DECODE) == set(FIELDS) | {"key", "first_seen", "retrans_delta"}
+
+
+class _SockIndex(object):
+    """hash(record key) -> the ids of the socks entries that held that key:
+    how a conns record that left socks finds its socket's entry.  A list of
+    slots, each an id or a tuple of the ids that share it (no int objects:
+    about 20 bytes an entry at 100k, where a dict of hash -> id took 90).
+    It may hold stale ids (a socket since reused, gone or expired):
+    whoever uses an id checks its entry's tuple."""
+    __slots__ = ("slots", "mask", "n")
+
+    def __init__(self, size=1024):
+        self.slots = [None] * size
+        self.mask = size - 1
+        self.n = 0  # ids held, stale ones included
+
+    def __len__(self):
+        return self.n
+
+    def get(self, h):
+        """The ids in hash h's slot (a tuple, maybe empty)."""
+        x = self.slots[h & self.mask]
+        if x is None:
+            return ()
+        return (x,) if x.__class__ is bytes else x
+
+    def add(self, h, sk):
+        j = h & self.mask
+        x = self.slots[j]
+        if x is None:
+            self.slots[j] = sk
+        elif x.__class__ is bytes:
+            if x == sk:
+                return
+            self.slots[j] = (x, sk)
+        elif sk in x:
+            return
+        else:
+            self.slots[j] = x + (sk,)
+        self.n += 1
+
+    def discard(self, h, sk):
+        j = h & self.mask
+        x = self.slots[j]
+        if x is None:
+            return
+        if x.__class__ is bytes:
+            if x != sk:
+                return
+            self.slots[j] = None
+        elif sk not in x:
+            return
+        else:
+            x = tuple(y for y in x if y != sk)
+            self.slots[j] = x if len(x) > 1 else x[0]
+        self.n -= 1
+
+    def fit(self, more, *tables):
+        """Room for more ids (a slot an id, at most two on average): grows,
+        and then indexes afresh what the tables hold."""
+        if self.n + more <= 2 * len(self.slots):
+            return
+        size = len(self.slots)
+        while size < self.n + more:
+            size *= 2
+        self.rebuild(size, *tables)
+
+    def rebuild(self, size, *tables):
+        """Index afresh the socks entries of tables ({id: value}) that name
+        a process's record: the stale ids go."""
+        held = self.n
+        self.__init__(size)
+        if not held:
+            return
+        add = self.add
+        for table in tables:
+            for i, v in table.items():
+                if len(i) == _SOCK_ID and v[_HAS_TUPLE] != _ZERO32 and v[_PID] != _ZERO32:
+                    add(hash(v[SOCK_INFO_TUPLE]), i)
+
+
+def _split(raw, size):
+    return [raw[i:i + size] for i in range(0, len(raw), size)]
+
+
+def _vanished(held, read, n):
+    """The n ids of held that no chunk of read ((ids end to end, id size))
+    holds.  A byte a slot marks the slots of the ids read: the ids held in
+    an unmarked slot are gone (about a megabyte at 100k, all in C).  Where
+    that finds fewer than n (one gone shares its slot with one read), a set
+    of the ids held, less those read (4 MB at 100k)."""
+    size = 1 << max(16, (8 * len(held)).bit_length())
+    mask, one = itertools.repeat(size - 1), itertools.repeat(1)
+    marks = bytearray(size)
+    for raw, ks in read:
+        collections.deque(map(marks.__setitem__, map(operator.and_, map(hash, _split(raw, ks)), mask),
+                              one), 0)
+    gone = list(itertools.compress(held, map(operator.not_, map(
+        marks.__getitem__, map(operator.and_, map(hash, held), mask)))))
+    if len(gone) == n:
+        return gone
+    del marks, gone
+    gone = set(held)
+    for raw, ks in read:
+        gone.difference_update(_split(raw, ks))
+    return gone
 
 
 class ConnTable(object):
@@ -360,10 +531,12 @@ class ConnTable(object):
         self.next_full_ns = 0
         self.drained_prev = []   # the dirty map's batches the previous poll drained
         self.dirty_lost = 0
-        self.prev = {}        # id -> raw value (sock_info or conn_stats) at the previous poll
-        # hash(record key) -> socket id, for records seen in socks (a hash,
-        # not the 52-byte key: whoever uses it checks the socket's tuple)
-        self.sock_of = {}
+        # id -> raw value at the previous poll (conn_stats, or the first
+        # _HELD bytes of a sock_info)
+        self.prev = {}
+        # hash(record key) -> socket ids, for records seen in socks (whoever
+        # uses it checks the socket's tuple)
+        self.sock_of = _SockIndex()
         # id -> monotonic ns of the last poll that saw it change, for the ids
         # that changed since the first poll (the others: first_ns)
         self.active = {}
@@ -394,11 +567,13 @@ class ConnTable(object):
             self.dirty = None  # no LOOKUP_AND_DELETE_BATCH (before 5.6): full reads
             return None
         ks, vs = self.dirty.key_size, self.dirty.value_size
-        batches = self.drained_prev + drained
-        self.drained_prev = drained
+        drained_prev, self.drained_prev = self.drained_prev, drained
         if dirty_lost != self.dirty_lost:  # the dirty map was full: read everything
             self.dirty_lost = dirty_lost
             return None
+        if drained_prev is None:  # the previous drain alone was over the limit
+            return None
+        batches = drained_prev + drained
         # counted with the records both drains hold twice: at worst a full
         # read where the union would have been just under limit
         if sum(len(k) for k, _ in batches) // ks > limit:
@@ -415,7 +590,7 @@ class ConnTable(object):
             if sk != _NO_SOCK:
                 v = self.socks.lookup(sk)
                 if v is not None and v[SOCK_INFO_TUPLE] == key:
-                    cur[sk] = v
+                    cur[sk] = v[:_HELD]
                     continue
             v = self.conns.lookup(key)
             if v is not None:
@@ -438,55 +613,81 @@ class ConnTable(object):
             look = self._next_generation(dirty_lost, limit)
         full = look is None or len(look) > limit
         prev = self.prev
-        fresh, seen = {}, None
+        fresh, vanished = {}, None
         if full:
             # a kernel batch at a time, compared in C (map/compress) with what
             # is held: only the changed entries are kept, never a second copy
-            # of the tables
-            seen = set() if prev else None
-            for m in (self.conns, self.socks):
-                for keys, values in m.read_chunks():
-                    if seen is not None:
-                        seen.update(keys)
+            # of the tables; of the ids read, only a count of those held
+            # (and the batch's ids end to end, for when some held are gone)
+            read = []
+            held = 0
+            for m, vlen in ((self.conns, None), (self.socks, _HELD)):
+                for keys, values in m.read_chunks(vlen):
+                    if prev:
+                        held += sum(map(prev.__contains__, keys))
+                        read.append((b"".join(keys), m.key_size))
                     fresh.update(itertools.compress(
                         zip(keys, values), map(operator.ne, values, map(prev.get, keys))))
+                    del keys, values  # (not held while the next batch is read)
+            if held != len(prev):  # what the kernel no longer holds
+                vanished = _vanished(prev, read, len(prev) - held)
+            del read
         else:
             self._read_dirty(look, fresh)
-        ids = list(fresh.keys())
-        changed = list(itertools.compress(ids, map(operator.ne, map(fresh.get, ids), map(prev.get, ids))))
-        del ids
+        del look
+        changed = list(itertools.compress(fresh, map(operator.ne, fresh.values(), map(prev.get, fresh))))
         # what the changed entries held (and the sockets the conns records
         # among them lived in), before cur (= prev, updated in place) moves on
         before = dict((i, prev[i]) for i in changed if i in prev)
         for i in changed:
-            sk = self.sock_of.get(hash(i)) if len(i) != _SOCK_ID else None
-            if sk is not None and sk in prev:
-                before[sk] = prev[sk]
+            if len(i) != _SOCK_ID:
+                for sk in self.sock_of.get(hash(i)):
+                    v = prev.get(sk)
+                    if v is not None and v[SOCK_INFO_TUPLE] == i:
+                        before[sk] = v
         if not prev:
             cur = fresh
         else:
             cur = prev
-            if seen is not None:  # a full read: what the kernel no longer holds goes
-                for i in [i for i in cur if i not in seen]:
+            if vanished:
+                for i in vanished:
                     del cur[i]
-                del seen
             cur.update(fresh)
-        del fresh
+        del fresh, vanished
+        # the batches drained for the next poll to read again: where they
+        # alone are more than its limit (it reads the whole tables), only
+        # that is kept
+        if self.drained_prev and self.dirty is not None and (
+                sum(len(k) for k, _ in self.drained_prev) // self.dirty.key_size
+                > max(1024, len(cur) // 4)):
+            self.drained_prev = None
+        if full:  # what the read and the drain freed goes back before records are made
+            bpfsys.release_freed()
         if not self.polled:
             self.first_ns = now_ns
         at = _Poll(start, now_ns)
         recs, gone = self._records(changed, cur, before, at)
-        recs = self._close_siblings(recs, cur, gone, at)
-        out = [c for c in recs if c._moved() and (include is None or include(c))]
+        seen = set(changed) if everything else None
+        del changed, before  # (the sort's keys below take the list's room)
+        out = self._close_siblings(recs, cur, gone, at)
         del recs
+        if include is None:
+            keep = bytearray(map(Conn._moved, out))
+        else:
+            keep = bytearray(c._moved() and bool(include(c)) for c in out)
+        if not all(keep):  # (the first poll keeps every record: no second list)
+            out = list(itertools.compress(out, keep))
+        del keep
         if everything:  # the entries that did not change, too (deltas 0)
-            seen = set(changed)
             seen.update(c._id for c in out)
             seen.update(c._raw for c in out if len(c._id) == _SOCK_ID)
             out.extend(self._unchanged(seen, cur, at, include))
+            del seen
         # by map id (the socket's address, or the record key): the order of
         # the maps, not of the decoded keys (sorting by those would decode
-        # every record)
+        # every record).  (Making the records in that order would spare the
+        # sort keys, but visiting the entries in id order, not in the order
+        # they lie in memory, made the first poll of 100k 70 ms slower.)
         out.sort(key=_BY_ID)
         # expiry: on the values this process holds (the kernel marks every
         # change, so an entry idle here is idle there), every full_every
@@ -519,6 +720,8 @@ class ConnTable(object):
         out, gone = [], []
         active, now_ns = self.active, at.now_ns
         sock_of = self.sock_of
+        sock_of.fit(len(changed), cur, prev)  # (prev: the lives that ended this poll)
+        slots, mask, added = sock_of.slots, sock_of.mask, 0
         first = not self.polled  # every entry is new: active since first_ns
         for i in changed:
             v = cur[i]
@@ -531,27 +734,43 @@ class ConnTable(object):
                 if v[_PID] == _ZERO32:
                     continue  # incoming, not claimed by a process yet
                 key = v[SOCK_INFO_TUPLE]
-                sock_of[hash(key)] = i
+                h = hash(key)
+                if slots[h & mask] is None:  # (sock_of.add, inline where the slot is free)
+                    slots[h & mask] = i
+                    added += 1
+                else:
+                    sock_of.add(h, i)
                 if old is not None and old[SOCK_INFO_TUPLE] != key:
                     old = None
             else:
                 key = i
                 if old is None:  # an ended life that left socks since the last poll
-                    sk = sock_of.pop(hash(key), None)
-                    was = prev.get(sk) if sk is not None else None
-                    if was is not None and was[SOCK_INFO_TUPLE] == key:
-                        old = was
-                    now = cur.get(sk) if sk is not None else None
-                    if now is not None and now[SOCK_INFO_TUPLE] == key:
-                        del cur[sk]  # the socket's entry is gone from the kernel
+                    h = hash(key)
+                    for sk in sock_of.get(h):
+                        was, now = prev.get(sk), cur.get(sk)
+                        ours = False
+                        if was is not None and was[SOCK_INFO_TUPLE] == key:
+                            ours = True
+                            if old is None:
+                                old = was
+                        if now is not None and now[SOCK_INFO_TUPLE] == key:
+                            ours = True
+                            del cur[sk]  # the socket's entry is gone from the kernel
+                            now = None
+                        if ours:
+                            sock_of.discard(h, sk)
+                            if now is not None and now[_HAS_TUPLE] != _ZERO32 and now[_PID] != _ZERO32:
+                                # the socket's next life, where its slot is this one
+                                sock_of.add(hash(now[SOCK_INFO_TUPLE]), sk)
                 if v[_STATE_OFFSET] == _CLOSED:
                     gone.append(key)
             out.append(Conn(i, v, old, at))
+        sock_of.n += added
         return out, gone
 
     def _unchanged(self, changed, cur, at, include):
-        """Records of the entries in cur not in changed, deltas 0."""
-        out = []
+        """Records of the entries in cur not in changed, deltas 0 (yielded:
+        the caller's list is the only one)."""
         for i, v in cur.items():
             if i in changed:
                 continue
@@ -559,8 +778,7 @@ class ConnTable(object):
                 continue
             c = Conn(i, v, v, at)
             if include is None or include(c):
-                out.append(c)
-        return out
+                yield c
 
     def _close_siblings(self, recs, cur, gone, at):
         """A record of a process that shares a socket (after fork) closes
@@ -569,11 +787,18 @@ class ConnTable(object):
         closed; they are deleted from conns after this poll."""
         ended = []
         for c in recs:
-            i, v = c._id, c._v
-            if (v if len(i) == _SOCK_ID else i)[_PROTO_OFFSET] != _TCP:
-                continue
-            key = c._raw
-            if _stats_bytes(v)[_STATE_OFFSET] == _CLOSED:
+            i, v = c._id, c._v  # (as read: a socks value is not 72 bytes)
+            if len(i) == _SOCK_ID:
+                if v[_PROTO_OFFSET] != _TCP:
+                    continue
+                key = v[SOCK_INFO_TUPLE]
+                closed = v[_SOCK_STATE_AT] == _CLOSED
+            else:
+                if i[_PROTO_OFFSET] != _TCP:
+                    continue
+                key = i
+                closed = v[_STATE_OFFSET] == _CLOSED
+            if closed:
                 ended.append(_life(key))
             elif key in cur:  # an open conns record of TCP: a process sharing a socket
                 self.siblings.setdefault(_life(key), set()).add(key)
@@ -587,7 +812,7 @@ class ConnTable(object):
                     if cur.get(k) is None:
                         continue
                     c = now[k] = Conn(k, cur[k], cur[k], at)
-                if _stats_bytes(c._v)[_STATE_OFFSET] != _CLOSED:
+                if not _closed(c._v):
                     c._closed_now()
                     gone.append(k)
         return list(now.values())
@@ -609,12 +834,14 @@ class ConnTable(object):
             elif t < (tcp_before if i[_PROTO_OFFSET] == _TCP else udp_before):
                 idle.append(i)
         # only entries the kernel still holds as they were (not a new life)
-        idle_socks = [i for i in idle_socks if self.socks.lookup(i) in (cur[i], None)]
+        idle_socks = [i for i in idle_socks if _held(self.socks.lookup(i)) in (cur[i], None)]
         values = [(i, cur[i]) for i in idle_socks]
         if idle_socks:
             self.socks.delete_keys(idle_socks)
-            for i in idle_socks:
-                cur.pop(i, None)
+            for i, v in values:
+                del cur[i]
+                if v[_HAS_TUPLE] != _ZERO32:
+                    self.sock_of.discard(hash(v[SOCK_INFO_TUPLE]), i)
         for i in idle_socks + idle:
             active.pop(i, None)
         self.expired += len(idle) + len(idle_socks)
@@ -622,10 +849,8 @@ class ConnTable(object):
 
     def _prune(self, cur):
         """After a full read: forget what no longer exists."""
-        if len(self.sock_of) > len(cur):
-            for key, sk in list(self.sock_of.items()):
-                if sk not in cur:
-                    del self.sock_of[key]
+        if len(self.sock_of) > len(cur) + len(cur) // 8:  # stale ids
+            self.sock_of.rebuild(len(self.sock_of.slots), cur)
         if len(self.active) > len(cur):
             for i in self.active.keys() - cur.keys():
                 del self.active[i]

@@ -7,8 +7,10 @@ fails while it is being built.
 """
 
 import collections
+import ctypes
 import errno
 import os
+import re
 import socket
 import struct
 
@@ -614,3 +616,18 @@ def test_tracer_closed_normally_leaves_no_fd():
     t.close()
     assert bpfsys.open_fds() == before
     assert bpfsys.our_kprobe_events() == []
+
+
+def test_release_freed_hands_back_what_was_freed():
+    def rss_kb():
+        with open("/proc/self/status") as f:
+            return int(re.search(r"^VmRSS:\s+(\d+)", f.read(), re.M).group(1))
+    # 32 MB in pieces under malloc's mmap threshold: freed, they stay in the heap
+    held = [ctypes.create_string_buffer(100000) for _ in range(320)]
+    top = ctypes.create_string_buffer(100000)  # (above them: the heap's top cannot shrink)
+    del held
+    before = rss_kb()
+    bpfsys.release_freed()
+    if getattr(bpfsys._libc, "malloc_trim", None) is not None:  # glibc
+        assert rss_kb() < before - 16000
+    del top

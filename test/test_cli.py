@@ -173,6 +173,33 @@ def test_human_bytes_exact_below_1k_then_units():
     assert dict((n, cli.human_bytes(n)) for n in cases) == cases
 
 
+def test_rows_sort_as_their_key_tuples_do():
+    """sort_rows packs a row's sort key into one int: the order is the
+    tuple's, negative deltas, u64 totals, ties and rows without ports
+    (processes) included."""
+    import random
+    import types
+    rnd = random.Random(7)
+
+    def row(ports=True):
+        r = types.SimpleNamespace(
+            sent_delta=rnd.choice([0, 1, -5, 2**64 - 1, rnd.randrange(-1000, 1000)]),
+            recv_delta=rnd.choice([0, 3, rnd.randrange(0, 10**6)]),
+            sent_bytes=rnd.choice([0, 2**64 - 1, rnd.randrange(0, 2**64)]),
+            recv_bytes=rnd.choice([0, 2**64 - 1, rnd.randrange(0, 10**6)]),
+            pid=rnd.choice([1, 4242, 2**32 - 1]), conns=rnd.randrange(0, 5),
+            duration=rnd.choice([None, 0.5, 3.0]))
+        if ports:
+            r.lport, r.rport = rnd.choice([0, 443, 65535]), rnd.choice([0, 80, 65535])
+        return r
+    for ports in (True, False):
+        rows = [row(ports) for _ in range(3000)]
+        for key, first in cli.SORTS.items():
+            want = sorted(rows, key=lambda c: first(c) + (c.pid, getattr(c, "lport", 0),
+                                                          getattr(c, "rport", 0)))
+            assert [id(r) for r in cli.sort_rows(rows, key)] == [id(r) for r in want], key
+
+
 def test_help_is_a_manual_with_examples():
     out = subprocess.check_output([sys.executable, "tracer.py", "--help"], cwd=ROOT,
                                   universal_newlines=True)
