@@ -85,6 +85,7 @@ __u32 _version SEC("version") = 0xFFFFFFFE; /* ignored by kernels >= 5.0 */
 #define AF_INET 2
 #define AF_INET6 10
 #define MSG_PEEK 2
+#define MSG_ERRQUEUE 0x2000
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_FIN_WAIT1 4
@@ -1594,7 +1595,10 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 	struct sock_info *si;
 	struct peer none = {};
 
-	if (!o || ret <= 0 || (flags & MSG_PEEK))
+	/* MSG_ERRQUEUE: the socket's own error queue (our datagram back
+	 * from an ICMP error, a timestamped copy of a packet we sent), not
+	 * the peer's data */
+	if (!o || ret <= 0 || (flags & (MSG_PEEK | MSG_ERRQUEUE)))
 		return;
 	si = bpf_map_lookup_elem(&socks, &key);
 	if (si) {
@@ -2135,7 +2139,7 @@ int krp_tcp_recvmsg(struct pt_regs *ctx)
 	long flags = 0;
 	__u64 sk = stash_take(&flags);
 	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
-	if (o && sk && ret > 0 && !(flags & MSG_PEEK))
+	if (o && sk && ret > 0 && !(flags & (MSG_PEEK | MSG_ERRQUEUE)))
 		tcp_count((void *)sk, o, 0, ret);
 	return 0;
 }

@@ -6,7 +6,7 @@ What a byte counter could get wrong besides how connections end
 bytes (writev/readv, sendmsg and recvmsg with a thousand buffers,
 MSG_WAITALL, splice() into a socket, MSG_ZEROCOPY, urgent data, several MB through a
 non-blocking socket), what a receive returns that is not the peer's data
-sendmmsg/recvmmsg with mixed peers, a UDP
+(the error queue: MSG_ERRQUEUE), sendmmsg/recvmmsg with mixed peers, a UDP
 socket disconnected with connect(AF_UNSPEC), UDP GSO and IPv6 extension
 headers, sockets handed to another process (SCM_RIGHTS, fork + exec with
 the parent gone), threads sharing a socket, SO_REUSEPORT groups, IPv4
@@ -228,6 +228,69 @@ def test_msg_zerocopy_sends(col, family):
     h = run(ZEROCOPY, family)
     assert h.sides[0]["sent"] == 500000
     expect_exact(col, h.sides, "MSG_ZEROCOPY (v%d)" % family)
+
+
+ERRQUEUE = COMMON + r'''
+    family, proto = int(sys.argv[1]), sys.argv[2]
+    if proto == "udp":
+        # IP_RECVERR: a datagram to a closed port comes back (ICMP port
+        # unreachable) on the error queue, its payload readable there
+        recverr = (socket.IPPROTO_IP, 11) if family == 4 else (socket.IPPROTO_IPV6, 25)
+        closed = udp(family)
+        dead = closed.getsockname()[:2]
+        closed.close()
+        c = udp(family)
+        c.setsockopt(recverr[0], recverr[1], 1)
+        c.connect(dead)
+        sent = c.send(b"e" * 123)
+        got, deadline = 0, time.time() + 20
+        while not got and time.time() < deadline:
+            try:
+                data = c.recvmsg(4096, 1024, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)[0]
+                got = len(data)
+            except BlockingIOError:
+                time.sleep(0.01)
+        if got != 123:
+            fail("the error queue gave %d bytes" % got)
+        udp_side(family, ADDR[family], c.getsockname()[1], ADDR[family], dead[1], sent=sent,
+                 errqueue=got)
+    else:
+        # SO_TIMESTAMPING without OPT_TSONLY: each transmit timestamp comes
+        # with a copy of the packet, read from the error queue
+        SO_TIMESTAMPING = 37
+        lst, cli, srv = blocking_pair(family)
+        cli.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, (1 << 1) | (1 << 4))
+        cli.send(1000)
+        srv.recv_exact(1000)
+        got, deadline = 0, time.time() + 20
+        while not got and time.time() < deadline:
+            try:
+                got = len(cli.sock.recvmsg(65536, 1024, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)[0])
+            except BlockingIOError:
+                time.sleep(0.01)
+        if not got:
+            fail("no transmit timestamp")
+        srv.send(77)
+        cli.recv_exact(77)
+        cli.sock.close()
+        srv.recv_to_end()
+        srv.sock.close()
+        cli.report(errqueue=got)
+        srv.report()
+'''
+
+
+@FAMILIES
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_error_queue_reads_are_not_received_bytes(col, family, proto):
+    """recvmsg(MSG_ERRQUEUE) returns what the socket's own error queue
+    holds (UDP with IP_RECVERR: the payload of our datagram that an ICMP
+    error sent back; TCP with SO_TIMESTAMPING: a copy of a packet we sent):
+    nothing the peer sent, so no received bytes."""
+    h = run(ERRQUEUE, family, proto)
+    assert h.sides[0]["errqueue"] > 0
+    sides = [dict((k, v) for k, v in s.items() if k != "errqueue") for s in h.sides]
+    expect_exact(col, sides, "error queue read (%s v%d)" % (proto, family))
 
 
 LARGE = COMMON + r'''

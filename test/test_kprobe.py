@@ -222,7 +222,7 @@ def test_events(case):
 
 # system calls, flags and topologies (test/adversarial.py), run here against this module's `col`
 from adversarial import (test_writev_readv_many_buffers_waitall, test_splice_into_a_socket,  # noqa: F401,E402
-                         test_msg_zerocopy_sends,
+                         test_msg_zerocopy_sends, test_error_queue_reads_are_not_received_bytes,
                          test_megabytes_through_a_non_blocking_socket, test_tcp_urgent_data,
                          test_tcp_fast_open, test_sendmmsg_recvmmsg_mixed_peers,
                          test_udp_connect_then_af_unspec_then_sendto,
