@@ -1068,6 +1068,30 @@ INLINE void peer_from_sockaddr(struct peer *p, const void *sa, int user)
 /* The source of a received datagram, from the headers before its payload
  * (skb->data points at the payload once UDP has queued it). */
 #define SKB_HDRS 72
+#define IPV6_EXT_MAX 32 /* 8-byte units of extension headers looked through */
+
+/* IPv6 with extension headers (hop-by-hop, destination options, routing)
+ * between its header and UDP's: the IPv6 header is the one 8 * k bytes
+ * further back whose payload length is those 8 * k bytes plus UDP's
+ * length.  h: the SKB_HDRS bytes before data (UDP's header at the end). */
+INLINE int peer_from_ipv6_ext(struct peer *p, unsigned long data, const __u8 *h)
+{
+	__u16 udp_len = ((__u16)h[SKB_HDRS - 4] << 8) | h[SKB_HDRS - 3];
+	__u8 ip6[8];
+
+	for (int k = 1; k <= IPV6_EXT_MAX; k++) {
+		unsigned long at = data - 8 - 40 - 8 * k;
+		if (bpf_probe_read_kernel(ip6, sizeof(ip6), (void *)at))
+			return 0;
+		if ((ip6[0] >> 4) == 6 && (((__u16)ip6[4] << 8) | ip6[5]) == 8 * k + udp_len) {
+			if (bpf_probe_read_kernel(p->addr, 16, (void *)(at + 8)))
+				return 0;
+			p->family = 6;
+			return 1;
+		}
+	}
+	return 0;
+}
 INLINE void peer_from_skb(struct peer *p, const void *skb, struct offsets *o)
 {
 	unsigned long data = 0;
@@ -1091,7 +1115,7 @@ INLINE void peer_from_skb(struct peer *p, const void *skb, struct offsets *o)
 				break;
 			}
 		}
-		if (!p->family)
+		if (!p->family && !peer_from_ipv6_ext(p, data, h))
 			return;
 	}
 	p->port = ((__u16)h[SKB_HDRS - 8] << 8) | h[SKB_HDRS - 7];

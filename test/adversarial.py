@@ -647,7 +647,8 @@ UDP_EXTRA = COMMON + r'''
 
 
 @pytest.mark.parametrize("method", ["recvfrom", "recv"])
-@pytest.mark.parametrize("family,how", [(4, "gso"), (6, "gso")], ids=["gso-v4", "gso-v6"])
+@pytest.mark.parametrize("family,how", [(4, "gso"), (6, "gso"), (6, "hopopts"), (6, "dstopts")],
+                         ids=["gso-v4", "gso-v6", "hopopts-v6", "dstopts-v6"])
 def test_udp_gso_and_ipv6_extension_headers(col, family, how, method):
     """UDP_SEGMENT (one send, several datagrams), and IPv6 extension
     headers between the IPv6 and UDP headers (8 bytes of hop-by-hop
