@@ -85,6 +85,7 @@ __u32 _version SEC("version") = 0xFFFFFFFE; /* ignored by kernels >= 5.0 */
 #define AF_INET 2
 #define AF_INET6 10
 #define MSG_PEEK 2
+#define MSG_ERRQUEUE 0x2000
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_FIN_WAIT1 4
@@ -1085,6 +1086,30 @@ INLINE void peer_from_sockaddr(struct peer *p, const void *sa, int user)
 /* The source of a received datagram, from the headers before its payload
  * (skb->data points at the payload once UDP has queued it). */
 #define SKB_HDRS 72
+#define IPV6_EXT_MAX 32 /* 8-byte units of extension headers looked through */
+
+/* IPv6 with extension headers (hop-by-hop, destination options, routing)
+ * between its header and UDP's: the IPv6 header is the one 8 * k bytes
+ * further back whose payload length is those 8 * k bytes plus UDP's
+ * length.  h: the SKB_HDRS bytes before data (UDP's header at the end). */
+INLINE int peer_from_ipv6_ext(struct peer *p, unsigned long data, const __u8 *h)
+{
+	__u16 udp_len = ((__u16)h[SKB_HDRS - 4] << 8) | h[SKB_HDRS - 3];
+	__u8 ip6[8];
+
+	for (int k = 1; k <= IPV6_EXT_MAX; k++) {
+		unsigned long at = data - 8 - 40 - 8 * k;
+		if (bpf_probe_read_kernel(ip6, sizeof(ip6), (void *)at))
+			return 0;
+		if ((ip6[0] >> 4) == 6 && (((__u16)ip6[4] << 8) | ip6[5]) == 8 * k + udp_len) {
+			if (bpf_probe_read_kernel(p->addr, 16, (void *)(at + 8)))
+				return 0;
+			p->family = 6;
+			return 1;
+		}
+	}
+	return 0;
+}
 INLINE void peer_from_skb(struct peer *p, const void *skb, struct offsets *o)
 {
 	unsigned long data = 0;
@@ -1108,7 +1133,7 @@ INLINE void peer_from_skb(struct peer *p, const void *skb, struct offsets *o)
 				break;
 			}
 		}
-		if (!p->family)
+		if (!p->family && !peer_from_ipv6_ext(p, data, h))
 			return;
 	}
 	p->port = ((__u16)h[SKB_HDRS - 8] << 8) | h[SKB_HDRS - 7];
@@ -1613,7 +1638,10 @@ INLINE void on_recv_length(const void *sk, long ret, long flags)
 	struct sock_info *si;
 	struct peer none = {};
 
-	if (!o || ret <= 0 || (flags & MSG_PEEK))
+	/* MSG_ERRQUEUE: the socket's own error queue (our datagram back
+	 * from an ICMP error, a timestamped copy of a packet we sent), not
+	 * the peer's data */
+	if (!o || ret <= 0 || (flags & (MSG_PEEK | MSG_ERRQUEUE)))
 		return;
 	si = bpf_map_lookup_elem(&socks, &key);
 	if (si) {
@@ -2167,7 +2195,7 @@ int krp_tcp_recvmsg(struct pt_regs *ctx)
 	long flags = 0;
 	__u64 sk = stash_take(&flags);
 	long ret = (int)RC(ctx); /* these functions return int: -EAGAIN is not 4294967285 */
-	if (o && sk && ret > 0 && !(flags & MSG_PEEK))
+	if (o && sk && ret > 0 && !(flags & (MSG_PEEK | MSG_ERRQUEUE)))
 		tcp_count((void *)sk, o, 0, ret);
 	return 0;
 }
