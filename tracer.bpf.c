@@ -138,7 +138,13 @@ INLINE struct offsets *ready_offsets(void)
 
 INLINE void tele_addn(__u32 idx, __u64 n)
 {
-	__u64 *v = bpf_map_lookup_elem(&telemetry, &idx);
+	__u64 *v;
+
+	/* (an add of a constant 0 would compile to an atomic OR, which
+	 * kernels before 5.12 refuse: "BPF_STX uses reserved fields") */
+	if (!n)
+		return;
+	v = bpf_map_lookup_elem(&telemetry, &idx);
 	if (v)
 		__sync_fetch_and_add(v, n);
 }
