@@ -18,10 +18,8 @@ step in the middle fails.
 
 import bisect
 import collections
-import os
 import re
 import struct
-import threading
 
 import abi
 import bpfsys
@@ -102,10 +100,6 @@ class ProgramSpec(object):
         return bytes(insns)
 
 
-# programs loaded (verified by the kernel) at once
-LOAD_THREADS = max(1, min(8, os.cpu_count() or 1))
-
-
 class ObjectSpec(object):
     def __init__(self, path, programs, maps, license, kern_version):
         self.path = path
@@ -135,62 +129,12 @@ class ObjectSpec(object):
                 entries = (max_entries or {}).get(m.name, m.max_entries)
                 coll.maps[m.name] = bpfsys.Map(m.map_type, m.key_size, m.value_size, entries,
                                                m.flags, m.name)
-            self._load_programs(names, coll)
-        except BaseException:
+            for n in names:
+                coll.programs[n] = self._load_program(self.programs[n], coll.maps)
+        except Exception:
             coll.close()
             raise
         return coll
-
-    def _load_programs(self, names, coll):
-        """Load the named programs into coll.programs, several at once:
-        the kernel verifies each in the calling thread, and ctypes lets the
-        GIL go during the syscall, so the verification of the long ones
-        (most of the start-up time) runs on all CPUs.  Longest first; on
-        failure the first failing program in names order raises (every
-        program loaded is in coll.programs, for close()): which one that is
-        does not depend on which thread met its failure first."""
-        todo = sorted(names, key=lambda n: -len(self.programs[n].insns))
-        workers = min(len(todo), LOAD_THREADS)
-        if workers <= 1:
-            for n in names:
-                coll.programs[n] = self._load_program(self.programs[n], coll.maps)
-            return
-        loaded, failed, lock = {}, {}, threading.Lock()
-
-        def work():
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    n = todo.pop(0)
-                try:
-                    p = self._load_program(self.programs[n], coll.maps)
-                except Exception as e:  # raised below, in names order
-                    with lock:
-                        failed[n] = e
-                    continue
-                with lock:
-                    loaded[n] = p
-        threads = [threading.Thread(target=work) for _ in range(workers)]
-        for th in threads:
-            th.daemon = True
-            th.start()
-        try:
-            for th in threads:
-                th.join()
-        finally:
-            with lock:
-                del todo[:]  # (a Ctrl-C: nothing more starts; what loaded is closed)
-                coll.programs.update(loaded)
-        for th in threads:
-            th.join()
-        coll.programs.update(loaded)
-        for n in names:
-            if n in failed:
-                raise failed[n]
-        coll.programs.clear()  # in names order
-        for n in names:
-            coll.programs[n] = loaded[n]
 
     def _load_program(self, spec, maps):
         insns = spec.linked(dict((name, m.fd) for name, m in maps.items()))

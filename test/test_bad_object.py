@@ -227,36 +227,3 @@ def test_the_recording_hook_sees_a_good_object_load(tmp_path):
     r = _run_recorded(tmp_path, ["--check", "--backend", "tracepoint"])
     assert r.returncode == 0, r.stderr + r.stdout
     assert r.kernel_calls.count("bpf") > 10
-
-
-def test_programs_refused_while_loading_in_parallel_give_the_first_one_and_leave_no_fd(monkeypatch):
-    # programs load on several threads at once (elfload.LOAD_THREADS): the
-    # error is that of the first refused program in load order, whichever
-    # thread met it first, and every program loaded on any thread is closed
-    import elfload
-    backend = _a_backend()
-    monkeypatch.setattr(elfload, "LOAD_THREADS", 4)
-    chosen, _ = backends.choose(backend)
-    names = abi.programs_to_load(chosen, backends.plan(chosen, True, True,
-                                                       spec=elfload.parse_file(OBJ)))
-    # the one refused first in load order is a short one, loaded last
-    # (longest first): the long one is refused before it
-    spec = elfload.parse_file(OBJ)
-    size = lambda n: len(spec.programs[n].insns)
-    longest = max(names[1:], key=size)
-    first = min(names[:names.index(longest)], key=size)
-    bad = set([first, longest])
-    real = bpfsys.Program._load
-
-    def load(prog_type, insns, license, name, *a, **k):
-        if name in bad:
-            raise bpfsys.BPFError(errno.EINVAL, "bpf(BPF_PROG_LOAD) for program '%s'" % name)
-        return real(prog_type, insns, license, name, *a, **k)
-    monkeypatch.setattr(bpfsys.Program, "_load", staticmethod(load))
-    before = bpfsys.open_fds()
-    with pytest.raises(tracer.TracerError) as info:
-        tracer.Tracer(backend=backend)
-    assert str(info.value) == ("loading the BPF programs failed: bpf(BPF_PROG_LOAD) for program "
-                               "'%s': EINVAL (Invalid argument)" % first)
-    monkeypatch.undo()
-    assert bpfsys.open_fds() == before
