@@ -115,6 +115,7 @@ EV_UDP_OPEN = 5
 
 SOCK_OTHERS = 3
 SKC_BLOCK = 128  # the bytes of struct sock that read_tuple_block copies
+SCRATCH_BYTES = 288  # skc_copy's value: SKC_BLOCK + 16, or 256 + 32 (peer_from_ipv6_ext)
 FL_BLOCK = 64  # the bytes of a struct flowi4/flowi6 read from its daddr
 
 # sock_info.seq_flags (kprobe backend: bytes from the sequence counters)
@@ -187,7 +188,7 @@ TPF_ISS_OLDSTATE = 20
 TPF_MAX = 24
 
 # the prefixes of the constants above: test_layout checks each against the header
-C_PREFIXES = ("TRACER_PROTO_", "DIR_", "CONN_", "END_", "EV_", "SOCK_OTHERS", "SKC_BLOCK", "WANT_",
+C_PREFIXES = ("TRACER_PROTO_", "DIR_", "CONN_", "END_", "EV_", "SOCK_OTHERS", "SKC_BLOCK", "SCRATCH_BYTES", "WANT_",
               "GUESS_", "TELE_", "TPF_", "FL_BLOCK", "SEQ_")
 CONSTANTS = collections.OrderedDict(
     (k, v) for k, v in sorted(globals().items(), key=lambda kv: kv[0])
@@ -313,7 +314,7 @@ MAPS = (
     _map("udp_sent", LRU_HASH, _SOCK, _struct(PEER), 4096),
     _map("synack_retrans", LRU_HASH, _TUPLE, (U32, "__u32 count"), SYNACK_ENTRIES),
     # per-CPU copy of the start of a struct sock (read_tuple_block)
-    _map("skc_copy", PERCPU_ARRAY, _INDEX, (SKC_BLOCK + 16, "SKC_BLOCK + 16 bytes"), 1),
+    _map("skc_copy", PERCPU_ARRAY, _INDEX, (SCRATCH_BYTES, "SCRATCH_BYTES bytes"), 1),
     _map("life_seq", ARRAY, _INDEX, _COUNTER, 1),
     _map("offsets", ARRAY, _INDEX, _struct(OFFSETS), 1),
     _map("telemetry", ARRAY, _INDEX, _COUNTER, TELE_MAX),

@@ -64,9 +64,11 @@ MAP(udp_next, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct peer), 16384);
 MAP(udp_sent, BPF_MAP_TYPE_LRU_HASH, sizeof(__u64), sizeof(struct peer), 4096);
 /* SYN-ACK retransmits by tuple, until the connection is established */
 MAP(synack_retrans, BPF_MAP_TYPE_LRU_HASH, sizeof(struct conn_tuple), sizeof(__u32), 4096);
-/* per-CPU scratch: a copy of the start of a struct sock (read_tuple_block);
- * 16 bytes of slack so a 16-byte field at any masked offset stays inside */
-MAP(skc_copy, BPF_MAP_TYPE_PERCPU_ARRAY, sizeof(__u32), SKC_BLOCK + 16, 1);
+/* per-CPU scratch: a copy of the start of a struct sock (read_tuple_block;
+ * 16 bytes of slack so a 16-byte field at any masked offset stays inside),
+ * of an sk_buff's fields (udp_sent_skb) or of the bytes before a received
+ * IPv6 datagram's UDP header (peer_from_ipv6_ext) */
+MAP(skc_copy, BPF_MAP_TYPE_PERCPU_ARRAY, sizeof(__u32), SCRATCH_BYTES, 1);
 /* index 0: the last connection life number handed out */
 MAP(life_seq, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(__u64), 1);
 MAP(offsets, BPF_MAP_TYPE_ARRAY, sizeof(__u32), sizeof(struct offsets), 1);
@@ -1093,6 +1095,8 @@ INLINE void peer_from_sockaddr(struct peer *p, const void *sa, int user)
  * (skb->data points at the payload once UDP has queued it). */
 #define SKB_HDRS 72
 #define IPV6_EXT_MAX 32 /* 8-byte units of extension headers looked through */
+_Static_assert(8 * IPV6_EXT_MAX + 24 <= SCRATCH_BYTES && SKC_BLOCK + 16 <= SCRATCH_BYTES,
+	       "skc_copy holds a struct sock block or the bytes before an IPv6 datagram's UDP header");
 
 /* IPv6 with extension headers (hop-by-hop, destination options, routing)
  * between its header and UDP's: the IPv6 header is the one 8 * k bytes
@@ -1101,15 +1105,20 @@ INLINE void peer_from_sockaddr(struct peer *p, const void *sa, int user)
 INLINE int peer_from_ipv6_ext(struct peer *p, unsigned long data, const __u8 *h)
 {
 	__u16 udp_len = ((__u16)h[SKB_HDRS - 4] << 8) | h[SKB_HDRS - 3];
-	__u8 ip6[8];
+	__u32 zero = 0;
+	__u8 *b = bpf_map_lookup_elem(&skc_copy, &zero);
 
+	/* one read: the 8 * IPV6_EXT_MAX bytes before where an IPv6 header
+	 * with no extension would start, and the 24 after (the first
+	 * candidate's fixed part and source address); the candidates are
+	 * then looked at in place, no helper call each */
+	if (!b || bpf_probe_read_kernel(b, 8 * IPV6_EXT_MAX + 24, (void *)(data - 8 - 40 - 8 * IPV6_EXT_MAX)))
+		return 0;
+#pragma unroll
 	for (int k = 1; k <= IPV6_EXT_MAX; k++) {
-		unsigned long at = data - 8 - 40 - 8 * k;
-		if (bpf_probe_read_kernel(ip6, sizeof(ip6), (void *)at))
-			return 0;
+		const __u8 *ip6 = b + 8 * IPV6_EXT_MAX - 8 * k;
 		if ((ip6[0] >> 4) == 6 && (((__u16)ip6[4] << 8) | ip6[5]) == 8 * k + udp_len) {
-			if (bpf_probe_read_kernel(p->addr, 16, (void *)(at + 8)))
-				return 0;
+			__builtin_memcpy(p->addr, ip6 + 8, 16);
 			p->family = 6;
 			return 1;
 		}

@@ -211,6 +211,10 @@ struct offsets {
 };
 
 #define SKC_BLOCK 128
+/* per-CPU scratch (skc_copy): a block of struct sock with 16 bytes of
+ * slack, or the 256 bytes of IPv6 extension headers a received datagram's
+ * source is looked for behind, and its source address */
+#define SCRATCH_BYTES 288
 #define FL_BLOCK 64       /* the bytes of a flow read from its daddr */
 
 #define WANT_TCP 1
