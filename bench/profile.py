@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--proto", default="tcp,udp")
     ap.add_argument("--tree", default=os.path.dirname(HERE))
     ap.add_argument("--cpu", type=int, default=1)
+    ap.add_argument("--backend", default="tracepoint")
     ap.add_argument("--pid", type=int, help="the tracer's pid filter (1: this traffic filtered out)")
     a = ap.parse_args()
     sys.path.insert(0, os.path.abspath(a.tree))
@@ -38,7 +39,7 @@ def main():
     with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
         f.write("1")
     try:
-        with tracer.Tracer(backend="tracepoint", pid=a.pid) as t:
+        with tracer.Tracer(backend=a.backend, pid=a.pid) as t:
             progs = t._coll.programs
             for proto in a.proto.split(","):
                 before = {n: p.stats() for n, p in progs.items()}
