@@ -277,11 +277,22 @@ def timeout_and_unreachable(backend):
 
 
 def another_tracer_starting(backend):
-    """A second tracer starting (in this very process) makes probe
-    connections while it guesses: TCP connected, refused and reset, UDP
-    datagrams.  The tracer already running reports none of them, neither
-    as events nor as records; this process's own traffic right after is
-    reported as usual, under its own name again."""
+    """A second tracer starting (in the process the first one traces) makes
+    probe connections while it guesses: TCP connected, refused and reset,
+    UDP datagrams.  The tracer already running reports none of them,
+    neither as events nor as records; this process's own traffic right
+    after is reported as usual, under its own name again.  In a fresh
+    process: the test run's own process may hold other cases' sockets and
+    threads, whose traffic in that second would count as a probe's."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path[:0] = [%r, %r]; import eventcases; "
+            "eventcases.another_tracer_starting_here(%r)" % (here, os.path.dirname(here), backend))
+    p = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:]
+
+
+def another_tracer_starting_here(backend):
     with open_tracer(backend) as t:
         t.poll()
         before = drain(t, lambda e: False, timeout=0.2)
