@@ -786,12 +786,9 @@ INLINE void tcp_count(const void *sk, struct offsets *o, __u64 sent, __u64 recv)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct sock_info *si = claim_sock(sk, o, tgid, DIR_UNKNOWN);
-	__u64 key = (__u64)sk;
 
 	if (!si) { /* filtered out, or lost */
-		__u32 *skip = bpf_map_lookup_elem(&skip_socks, &key);
-		if (skip && *skip == SKIP_LOST)
-			tele_addn(TELE_BYTES_LOST, sent + recv);
+		tcp_skipped(sk, sent, recv);
 		return;
 	}
 	if (si->tuple.pid == tgid)

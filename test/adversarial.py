@@ -30,6 +30,15 @@ COMMON = r'''
     libc = ctypes.CDLL(None, use_errno=True)
     CLONE_NEWNET = 0x40000000
 
+    def close_and_report(cli, srv, **extra):
+        """The client closes, the server reads to the end and closes; both
+        report (extra: what the client's side adds)."""
+        cli.sock.close()
+        srv.recv_to_end()
+        srv.sock.close()
+        cli.report(**extra)
+        srv.report()
+
     def blocking_pair(family):
         lst, cli, srv = pair(family)
         for x in (cli, srv):
@@ -127,11 +136,7 @@ IO_CALLS = COMMON + r'''
             srv.sent += k
             left -= k
         t.join(60)
-    cli.sock.close()
-    srv.recv_to_end()
-    srv.sock.close()
-    cli.report()
-    srv.report()
+    close_and_report(cli, srv)
 '''
 
 
@@ -166,11 +171,7 @@ SPLICE = COMMON + r'''
                 cli.sent += k
                 n -= k
     t.join(60)
-    cli.sock.close()
-    srv.recv_to_end()
-    srv.sock.close()
-    cli.report()
-    srv.report()
+    close_and_report(cli, srv)
 '''
 
 
@@ -210,11 +211,7 @@ ZEROCOPY = COMMON + r'''
     u.connect(v.getsockname()[:2])
     usent = sum(u.send(b"u" * (1000 + i), MSG_ZEROCOPY) for i in range(3))
     urecv = sum(len(v.recv(65536)) for _ in range(3))
-    cli.sock.close()
-    srv.recv_to_end()
-    srv.sock.close()
-    cli.report()
-    srv.report()
+    close_and_report(cli, srv)
     up, vp = u.getsockname()[1], v.getsockname()[1]
     udp_side(family, ADDR[family], up, ADDR[family], vp, sent=usent)
     udp_side(family, ADDR[family], vp, ADDR[family], up, recv=urecv)
@@ -272,11 +269,7 @@ ERRQUEUE = COMMON + r'''
             fail("no transmit timestamp")
         srv.send(77)
         cli.recv_exact(77)
-        cli.sock.close()
-        srv.recv_to_end()
-        srv.sock.close()
-        cli.report(errqueue=got)
-        srv.report()
+        close_and_report(cli, srv, errqueue=got)
 '''
 
 
@@ -319,11 +312,7 @@ LARGE = COMMON + r'''
     srv.sent += reply
     t.join(120)
     say(partial=partial)
-    cli.sock.close()
-    srv.recv_to_end()
-    srv.sock.close()
-    cli.report()
-    srv.report()
+    close_and_report(cli, srv)
 '''
 
 
@@ -360,11 +349,7 @@ OOB = COMMON + r'''
     srv.recv_exact(normal)
     srv.send(10)
     cli.recv_exact(10)
-    cli.sock.close()
-    srv.recv_to_end()
-    srv.sock.close()
-    cli.report()
-    srv.report()
+    close_and_report(cli, srv)
 '''
 
 
@@ -887,11 +872,7 @@ THREADS = COMMON + r'''
     urecv = [sum(len(x.recvfrom(65536)[0]) for _ in range(20)) for x in servers]
     if urecv != usent:
         fail("the servers got %r of %r" % (urecv, usent))
-    cli.sock.close()
-    srv.recv_to_end()
-    srv.sock.close()
-    cli.report()
-    srv.report()
+    close_and_report(cli, srv)
     sp = s.getsockname()[1]
     for k, c in enumerate(clients):
         cp = c.getsockname()[1]
@@ -1190,3 +1171,7 @@ def test_both_ends_in_different_namespaces_over_veth(col, family):
     assert h.sides[0]["netns"] != h.sides[1]["netns"]
     expect_exact(col, h.sides, "veth between two namespaces (v%d)" % family)
     _check_netns(col, h.sides, "veth between two namespaces (v%d)" % family)
+
+
+# what test_tracepoint.py and test_kprobe.py import to run against their `col`
+__all__ = sorted(n for n in list(globals()) if n.startswith("test_"))

@@ -356,15 +356,4 @@ def test_churn_of_mixed_endings_every_side_exact(col):
 
 
 # system calls, flags and topologies (test/adversarial.py), run here against this module's `col`
-from adversarial import (test_writev_readv_many_buffers_waitall, test_splice_into_a_socket,  # noqa: F401,E402
-                         test_msg_zerocopy_sends, test_error_queue_reads_are_not_received_bytes,
-                         test_megabytes_through_a_non_blocking_socket, test_tcp_urgent_data,
-                         test_tcp_fast_open, test_sendmmsg_recvmmsg_mixed_peers,
-                         test_udp_connect_then_af_unspec_then_sendto,
-                         test_udp_gso_and_ipv6_extension_headers, test_udp_msg_peek_then_read,
-                         test_socket_passed_over_a_unix_socket,
-                         test_parent_exits_child_execs_with_the_socket,
-                         test_threads_sharing_sockets, test_so_reuseport_group,
-                         test_ipv4_through_dual_stack_ipv6_sockets,
-                         test_same_tuples_in_two_network_namespaces,
-                         test_both_ends_in_different_namespaces_over_veth)
+from adversarial import *  # noqa: F401,F403,E402  (its __all__: every test_ of it)
