@@ -324,7 +324,7 @@ class Map(KernelObject):
         return out_k, out_v
 
     def batches(self, delete=False, raw=False, value_len=None):
-        """The entries, one kernel batch at a time (up to 4096): yields
+        """The entries, one kernel batch at a time (up to 2048): yields
         (keys, values), two lists of bytes, as read_batch reads them; a
         caller that keeps few of them never holds the whole map.  With raw,
         (keys, values) are each one bytes object, the batch's keys (or
@@ -335,8 +335,8 @@ class Map(KernelObject):
         ks, vs = self.key_size, self.value_size
         vl = min(value_len or vs, vs)
         if self._batch_bufs is None:  # kept: a poll loop reads every interval
-            # (4096: what a batch costs while it is split, 2 MB or so of
-            # objects for socks, halves; the syscalls are not what costs)
+            # (2048: what a batch's objects cost while it is split, ~0.5 MB
+            # for socks, stays small; the syscalls are not what costs)
             count = max(64, min(self.max_entries, 2048))
             self._batch_bufs = (count, _buf(ks * count), _buf(vs * count))
         count, keys, values = self._batch_bufs
